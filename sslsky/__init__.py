@@ -1,0 +1,3 @@
+"""sslsky: self-supervised representation learning for multi-band galaxy surveys."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from sslsky.cli import main
+
+sys.exit(main())

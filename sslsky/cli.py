@@ -1,0 +1,66 @@
+"""The ``sslsky`` command: one argparse entry, each subcommand calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sslsky.config import ConfigError, MockConfig, PackConfig, load_config
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (defaults come from the schema)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides applied after the file, e.g. shard_size=512")
+
+
+def cmd_mock(args: argparse.Namespace) -> int:
+    from sslsky.data.mock import run_mock
+
+    cfg = load_config(MockConfig, args.config, args.overrides,
+                      survey=args.survey, n=args.n, seed=args.seed, out=args.out)
+    return run_mock(cfg)
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from sslsky.data.pack import run_pack
+
+    cfg = load_config(PackConfig, args.config, args.overrides,
+                      catalog=args.catalog, out=args.out, shard_size=args.shard_size, dtype=args.dtype)
+    return run_pack(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslsky", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("mock", help="simulate a mock survey: FITS cutouts + catalog.fits with known truth")
+    p.add_argument("--survey", choices=["sdss", "decals"])
+    p.add_argument("--n", type=int, help="number of galaxies")
+    p.add_argument("--seed", type=int, help="master seed (output independent of the number of ranks)")
+    p.add_argument("--out", help="output folder")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_mock)
+
+    p = sub.add_parser("pack", help="pack cutouts listed in a catalog into sharded HDF5 (MPI-aware)")
+    p.add_argument("--catalog", help="catalog: FITS, CSV, ECSV, or an ssl-sky-surveys HDF5 file")
+    p.add_argument("--out", help="output folder for shards, manifest.json, rejected.csv")
+    p.add_argument("--shard-size", type=int, help="rows per shard")
+    p.add_argument("--dtype", choices=["float32", "float16"], help="storage dtype of the images")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pack)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"sslsky {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Typed configuration: dataclass schemas, YAML files, dotted ``key=value`` overrides.
+
+Why our own loader rather than OmegaConf: the schemas are plain dataclasses,
+the only extra dependency is pyyaml (already needed), and the error we want
+for a misspelled key -- the key, the file it came from and the closest valid
+name -- is a few lines with :mod:`difflib`.
+
+    cfg = load_config(PackConfig, "config/pack.yaml", ["shard_size=512", "dtype=float16"])
+    write_config(cfg, out_dir / "config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override the user can fix; the message says how."""
+
+
+# ---------------------------------------------------------------------------
+# Schemas. Defaults live here and nowhere else.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MockConfig:
+    """``sslsky mock``: a physically grounded mock survey with known truth."""
+
+    survey: str = "sdss"  # sdss | decals
+    n: int = 1000  # galaxies to simulate
+    seed: int = 0  # master seed: the output depends on it alone, not on the ranks
+    out: str = "mock_sdss"  # output folder: catalog.fits + cutouts/
+    r_limit: float = 17.77  # r-band selection limit (SDSS Main Galaxy Sample)
+    z_min: float = 0.005
+    z_max: float = 0.4
+    specz_fraction: float = 1.0  # fraction with a spectroscopic z; others get NaN
+    unlabelled_fraction: float = 0.0  # fraction of galaxies without volunteer votes
+    volunteers_mean: float = 40.0  # mean volunteers per galaxy (vote counts)
+    seeing_scatter: float = 0.15  # lognormal scatter of per-galaxy PSF FWHM
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class PackConfig:
+    """``sslsky pack``: FITS / PNG cutouts + catalog -> sharded HDF5 + manifest."""
+
+    catalog: str = ""  # FITS, CSV, ECSV or ssl-sky-surveys HDF5
+    out: str = ""  # output folder for shard-*.h5, manifest.json, rejected.csv
+    shard_size: int = 1024  # rows per shard
+    dtype: str = "float32"  # float32 | float16 (halves I/O; refuses |x| > 65504)
+    survey: str = ""  # sdss | decals; empty: read from the cutout headers / catalog
+    image_size: int = 0  # expected H = W; 0: the survey's cutout size
+    max_bad_fraction: float = 0.01  # reject a cutout with more NaN/inf pixels than this
+    fill_value: float = 0.0  # what NaN/inf pixels below the limit become (and are flagged)
+    stats_sample: int = 2000  # cutouts per rank sampled for the per-band robust statistics
+    progress: bool = True
+
+
+SCHEMAS: dict[str, type] = {"mock": MockConfig, "pack": PackConfig}
+
+
+# ---------------------------------------------------------------------------
+# Loading and validation.
+# ---------------------------------------------------------------------------
+
+
+def _closest(key: str, valid: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert the safe cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: {value!r} is not allowed")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return out if origin is list else tuple(out)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(schema: type[T], data: dict, where: str) -> T:
+    hints = typing.get_type_hints(schema)
+    fields = {f.name for f in dataclasses.fields(schema)}
+    for key in data:
+        if key not in fields:
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(f"unknown config key {name!r}{_closest(key, fields)}")
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        kwargs[key] = _coerce(value, hints[key], name)
+    return schema(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, schema: type) -> None:
+    """Put ``value`` at ``a.b.c`` in a nested dict, checking each part against ``schema``."""
+    parts = dotted.split(".")
+    node, tp = tree, schema
+    for i, part in enumerate(parts):
+        valid = {f.name for f in dataclasses.fields(tp)} if dataclasses.is_dataclass(tp) else None
+        if valid is not None and part not in valid:
+            prefix = ".".join(parts[:i])
+            name = f"{prefix}.{part}" if prefix else part
+            raise ConfigError(f"unknown config key {name!r} in override {dotted}=...{_closest(part, valid)}")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        tp = typing.get_type_hints(tp)[part] if valid is not None else Any
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=3"`` -> ``("a.b", 3)``; the value is read as YAML (numbers, lists, true/false)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(schema: type[T], path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = (),
+                **values: Any) -> T:
+    """Defaults of ``schema``, then the YAML file, then ``values``, then dotted overrides."""
+    tree: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, not {type(loaded).__name__}")
+        tree.update(loaded)
+    for key, value in values.items():
+        if value is not None:
+            _set_dotted(tree, key, value, schema)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, schema)
+    try:
+        return _build(schema, tree, "")
+    except ConfigError as err:
+        if path:
+            raise ConfigError(f"{err} (in {path} or the overrides)") from None
+        raise
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A plain dict (YAML/JSON-ready) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def write_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML, atomically (temp name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,52 @@
+"""Names and types of the catalog, cutout, shard and manifest contracts (DESIGN.md).
+
+The pack writer and the shard reader both import from here; change a name
+here and both follow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Catalog columns every input catalog must have (FITS table, CSV or ECSV).
+REQUIRED_COLUMNS = ("object_id", "ra", "dec", "file")
+#: Catalog columns that are read when present and filled when absent.
+OPTIONAL_COLUMNS = {
+    "z": np.nan,  # spectroscopic redshift; NaN if unknown
+    "ebv": np.nan,  # Milky-Way E(B-V); NaN if unknown
+    "morph_class": -1,  # int, -1 unknown
+}
+#: Column naming a cutout in the Galaxy Zoo / galaxy-datasets convention.
+FILE_LOC_COLUMN = "file_loc"
+#: Prefix of volunteer vote-count columns: ``votes_<question>_<answer>``.
+VOTES_PREFIX = "votes_"
+#: Per-band truth columns the mock writes and pack carries to shards when present
+#: (``psf_fwhm_r`` ...): the image's own PSF and noise level, for augmentations.
+PER_BAND_COLUMNS = ("psf_fwhm", "sky_sigma")
+
+#: Version of the HDF5 shard layout below.
+SCHEMA_VERSION = 1
+#: Per-row datasets in every shard, with their dtype (``images`` is float32 or float16).
+SHARD_COLUMNS = {
+    "object_id": np.int64,
+    "ra": np.float64,
+    "dec": np.float64,
+    "z": np.float32,
+    "ebv": np.float32,
+    "morph_class": np.int16,
+    "filled_pixels": np.int32,  # NaN/inf pixels replaced by fill_value (0 when clean)
+}
+SHARD_PATTERN = "shard-{rank:03d}-{index:05d}.h5"
+MANIFEST_NAME = "manifest.json"
+REJECTED_NAME = "rejected.csv"
+IMAGE_DTYPES = ("float32", "float16")
+
+#: Names in the layout of the original ssl-sky-surveys HDF5 files (Hayat et al. 2021).
+LEGACY_LAYOUT = {
+    "images": "images",
+    "specz_redshift": "z",
+    "e_bv": "ebv",
+    "ObjID": "object_id",
+    "ra": "ra",
+    "dec": "dec",
+}
