@@ -15,18 +15,18 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
-    from sslsky.data.mock import run_mock
-
     cfg = load_config(MockConfig, args.config, args.overrides,
                       survey=args.survey, n=args.n, seed=args.seed, out=args.out)
+    from sslsky.data.mock import run_mock
+
     return run_mock(cfg)
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from sslsky.data.pack import run_pack
-
     cfg = load_config(PackConfig, args.config, args.overrides,
                       catalog=args.catalog, out=args.out, shard_size=args.shard_size, dtype=args.dtype)
+    from sslsky.data.pack import run_pack
+
     return run_pack(cfg)
 
 
