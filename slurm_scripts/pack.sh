@@ -31,11 +31,11 @@ if [ "$(id -u)" -eq 0 ]; then mpi_args+=(--allow-run-as-root); fi
 echo "pack: job ${SLURM_JOB_ID:-none} on ${SLURM_JOB_NODELIST:-$(hostname)}, $ntasks ranks, $(date -Is)"
 # Inside an allocation mpirun takes hosts and slots from SLURM (direct srun
 # launch needs an MPI built with PMI support, which many site builds lack).
+status=0
 if [ "$ntasks" -gt 1 ]; then
-  mpirun "${mpi_args[@]}" -n "$ntasks" "$sslsky" pack "$@"
+  mpirun "${mpi_args[@]}" -n "$ntasks" "$sslsky" pack "$@" || status=$?
 else
-  "$sslsky" pack "$@"
+  "$sslsky" pack "$@" || status=$?
 fi
-status=$?
-echo "pack: finished with status $status at $(date -Is)"
+echo "pack: finished with status $status at $(date -Is) (0 all packed, 3 some cutouts rejected: see OUT/rejected.csv)"
 exit $status
