@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_mock)
 
-    p = sub.add_parser("pack", help="pack cutouts listed in a catalog into sharded HDF5 (MPI-aware)")
+    p = sub.add_parser("pack", help="pack cutouts listed in a catalog into sharded HDF5 (MPI-aware)",
+                       epilog="exit status: 0 all rows packed, 3 some rows rejected (listed in OUT/rejected.csv), "
+                              "2 config or catalog error")
     p.add_argument("--catalog", help="catalog: FITS, CSV, ECSV, or an ssl-sky-surveys HDF5 file")
     p.add_argument("--out", help="output folder for shards, manifest.json, rejected.csv")
     p.add_argument("--shard-size", type=int, help="rows per shard")

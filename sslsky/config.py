@@ -63,7 +63,7 @@ class PackConfig:
     image_size: int = 0  # expected H = W; 0: the survey's cutout size
     max_bad_fraction: float = 0.01  # reject a cutout with more NaN/inf pixels than this
     fill_value: float = 0.0  # what NaN/inf pixels below the limit become (and are flagged)
-    stats_sample: int = 2000  # cutouts per rank sampled for the per-band robust statistics
+    stats_sample: int = 2000  # cutouts sampled for the per-band robust statistics (same sample for any rank count)
     progress: bool = True
 
 

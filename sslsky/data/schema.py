@@ -50,3 +50,40 @@ LEGACY_LAYOUT = {
     "ra": "ra",
     "dec": "dec",
 }
+
+# ---------------------------------------------------------------------------
+# Added for `sslsky pack` (sslsky/data/pack.py, catalog.py, fits_io.py).
+# ---------------------------------------------------------------------------
+
+#: Row of the input catalog each shard row came from (int64 dataset in every shard).
+CATALOG_ROW_COLUMN = "catalog_row"
+SHARD_COLUMNS[CATALOG_ROW_COLUMN] = np.int64
+#: Image dataset of a shard, (N, C, H, W), one image per chunk.
+IMAGES_DATASET = "images"
+#: Vote counts of a shard, (N, A) int32, with attribute VOTES_COLUMNS_ATTR naming the A catalog columns.
+VOTES_DATASET = "votes"
+VOTES_COLUMNS_ATTR = "columns"
+#: Shard attributes (besides the pack bookkeeping below) that describe the images.
+SHARD_ATTRS = ("survey", "bands", "pixel_scale", "schema_version", "photometric")
+#: Shard attribute holding the identity of the work that made it; a re-run skips a shard whose key matches.
+PACK_KEY_ATTR = "pack_key"
+#: Shard attribute holding the JSON list of catalog rows rejected while the shard was written.
+PACK_REJECTED_ATTR = "rejected"
+
+#: Placeholder in a `file` value naming one 2D FITS image per band (SDSS frame-style cutouts).
+BAND_PLACEHOLDER = "{band}"
+#: "Bands" of 8-bit colour images (PNG/JPEG); such packs are marked ``photometric: false``.
+RGB_BANDS = "RGB"
+RGB_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: Catalog file formats by suffix: astropy.table format names, or "legacy-hdf5" (LEGACY_LAYOUT).
+CATALOG_FORMATS = {
+    ".fits": "fits",
+    ".fit": "fits",
+    ".fits.gz": "fits",
+    ".csv": "ascii.csv",
+    ".ecsv": "ascii.ecsv",
+    ".h5": "legacy-hdf5",
+    ".hdf5": "legacy-hdf5",
+}
+#: Columns of OUT/rejected.csv, one line per rejected catalog row, sorted by row.
+REJECTED_FIELDS = ("row", "object_id", "file", "reason")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sslsky.data.schema import LEGACY_LAYOUT, MANIFEST_NAME, OPTIONAL_COLUMNS
+from sslsky.data.schema import LEGACY_LAYOUT, MANIFEST_NAME, OPTIONAL_COLUMNS, PER_BAND_COLUMNS
 from sslsky.data.splits import DEFAULT_FRACTIONS, label_subset, split_mask
 
 #: Per-row columns a dataset item carries besides the image.
@@ -108,8 +108,10 @@ def index_shards(source: str | os.PathLike) -> ShardIndex:
             )
         manifest = json.loads(manifest_path.read_text())
         paths = _manifest_shard_paths(source, manifest)
+        if not paths:
+            raise ValueError(f"{source}: the manifest lists no shards (was every cutout rejected? see rejected.csv)")
         attrs = {k: v for k, v in manifest.items() if k not in ("shards", "config")}
-    rows, parts = [], {name: [] for name in ITEM_COLUMNS}
+    rows, parts = [], {name: [] for name in ITEM_COLUMNS + PER_BAND_COLUMNS}
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"shard {path} listed in the manifest is missing; re-run `sslsky pack` to rebuild it")
@@ -117,10 +119,13 @@ def index_shards(source: str | os.PathLike) -> ShardIndex:
             n = handle["images"].shape[0]
             for name, values in _read_columns(handle, {c: c for c in ITEM_COLUMNS}, n, str(path)).items():
                 parts[name].append(values)
+            for name in PER_BAND_COLUMNS:  # the image's own PSF and noise, (N, C), when the shards carry them
+                if name in handle:
+                    parts[name].append(handle[name][()].astype(np.float32))
             if not attrs:
                 attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in handle.attrs.items()}
         rows.append(n)
-    columns = {name: np.concatenate(values) if values else np.zeros(0) for name, values in parts.items()}
+    columns = {name: np.concatenate(values) for name, values in parts.items() if len(values) == len(paths)}
     return ShardIndex(paths, np.asarray(rows, dtype=np.int64), columns, attrs=attrs)
 
 
@@ -195,7 +200,7 @@ class ShardDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         cols = self.index.columns
-        return {
+        item = {
             "image": image,
             "object_id": int(cols["object_id"][g]),
             "z": float(cols["z"][g]),
@@ -203,6 +208,10 @@ class ShardDataset(Dataset):
             "morph_class": int(cols["morph_class"][g]),
             "index": g,
         }
+        for name in PER_BAND_COLUMNS:
+            if name in cols:
+                item[name] = torch.from_numpy(cols[name][g])  # (C,)
+        return item
 
     def close(self) -> None:
         for handle in self._files.values():

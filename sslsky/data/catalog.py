@@ -1,0 +1,303 @@
+"""Input catalogs for ``sslsky pack``: FITS, CSV, ECSV tables and ssl-sky-surveys HDF5 files.
+
+    cat = read_catalog("mock_sdss/catalog.fits")
+    cat.valid_rows          # (M,) rows that can be packed, in catalog order
+    cat.rejected            # [(row, object_id, file, reason)] rows refused before any cutout is read
+
+A table must have the columns of ``REQUIRED_COLUMNS`` (``file`` may be the
+Galaxy Zoo ``file_loc``); a missing one is a :class:`CatalogError` raised
+before any work. Rows with an empty required value and repeated object_ids
+(second and later occurrences) are not packed; they are listed.
+
+Paths in ``file`` are relative to the catalog's folder (absolute paths are
+kept). A ``file`` holding ``{band}`` names one 2D image per band.
+
+The original ssl-sky-surveys HDF5 files (Hayat et al. 2021) hold the images
+themselves: ``images`` (N, C, H, W) -- the layout of the original data
+loader, which swaps axes 0 and 2 of each (C, H, W) row -- or (N, H, W, C),
+told apart by which axis has the band count, with ``specz_redshift``,
+``e_bv``, ``ObjID``, ``ra``, ``dec`` (see ``LEGACY_LAYOUT``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sslsky.config import ConfigError
+from sslsky.data.schema import (
+    CATALOG_FORMATS,
+    FILE_LOC_COLUMN,
+    LEGACY_LAYOUT,
+    OPTIONAL_COLUMNS,
+    PER_BAND_COLUMNS,
+    REQUIRED_COLUMNS,
+    SHARD_COLUMNS,
+    VOTES_PREFIX,
+)
+
+
+class CatalogError(ConfigError):
+    """A catalog that cannot be packed at all (missing file or column); ``sslsky pack`` exits with 2."""
+
+
+@dataclass
+class LegacySource:
+    """Where the images of an ssl-sky-surveys HDF5 catalog live."""
+
+    path: Path
+    channels_last: bool  # (N, H, W, C) rather than (N, C, H, W)
+    n_bands: int
+    shape: tuple[int, int]  # (H, W)
+
+
+@dataclass
+class Catalog:
+    """Normalised catalog columns, one entry per input row (N rows)."""
+
+    path: Path
+    columns: dict[str, np.ndarray]  # object_id int64, ra/dec float64, z/ebv float32, morph_class int16, file str
+    votes: np.ndarray | None = None  # (N, A) int32
+    votes_columns: list[str] = field(default_factory=list)
+    per_band: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. "psf_fwhm_r" -> (N,) float32
+    legacy: LegacySource | None = None
+    valid_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (M,)
+    rejected: list[tuple[int, int | str, str, str]] = field(default_factory=list)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.columns["object_id"])
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def cutout_path(self, row: int) -> str:
+        """The cutout of ``row``: absolute, or relative to the catalog's folder."""
+        value = str(self.columns["file"][row])
+        if self.legacy is not None:
+            return value
+        return value if os.path.isabs(value) else str(self.folder / value)
+
+    def per_band_matrix(self, name: str, bands: str) -> np.ndarray | None:
+        """(N, C) float32 from ``<name>_<band>`` columns; None when none is present (NaN for missing bands)."""
+        keys = [f"{name}_{band}" for band in bands]
+        if not any(key in self.per_band for key in keys):
+            return None
+        n = self.n_rows
+        return np.stack([self.per_band.get(key, np.full(n, np.nan, np.float32)) for key in keys], axis=1)
+
+    def row_digest(self, rows: np.ndarray) -> str:
+        """sha256 over everything the catalog puts into the shard rows ``rows``."""
+        digest = hashlib.sha256()
+        rows = np.asarray(rows, dtype=np.int64)
+        digest.update(rows.tobytes())
+        for name in sorted(self.columns):
+            values = self.columns[name][rows]
+            digest.update(name.encode())
+            digest.update("\0".join(map(str, values)).encode() if values.dtype.kind in "UO" else values.tobytes())
+        if self.votes is not None:
+            digest.update(",".join(self.votes_columns).encode())
+            digest.update(self.votes[rows].tobytes())
+        for name in sorted(self.per_band):
+            digest.update(name.encode())
+            digest.update(self.per_band[name][rows].tobytes())
+        return digest.hexdigest()
+
+
+def catalog_format(path: Path) -> str:
+    """Format name from the file's suffix (see ``CATALOG_FORMATS``)."""
+    name = path.name.lower()
+    for suffix in sorted(CATALOG_FORMATS, key=len, reverse=True):
+        if name.endswith(suffix):
+            return CATALOG_FORMATS[suffix]
+    raise CatalogError(f"catalog {path}: unknown format; use one of {', '.join(CATALOG_FORMATS)}")
+
+
+def _missing_mask(column) -> np.ndarray:
+    """(N,) True where a value is masked, NaN/inf, or an empty string."""
+    mask = np.array(np.ma.getmaskarray(column), dtype=bool)
+    values = np.ma.getdata(column)
+    if values.dtype.kind == "f":
+        mask |= ~np.isfinite(values)
+    elif values.dtype.kind in "USO":
+        mask |= np.char.strip(np.asarray(values, dtype=str)) == ""
+    return mask
+
+
+def _as_float(column, fill: float, dtype) -> np.ndarray:
+    values = np.ma.getdata(column)
+    if values.dtype.kind in "USO":  # numbers stored as text
+        out = np.full(len(values), fill, dtype=np.float64)
+        for i, text in enumerate(np.asarray(values, dtype=str)):
+            try:
+                out[i] = float(text)
+            except ValueError:
+                pass
+        values = out
+    out = np.asarray(values, dtype=np.float64).copy()
+    out[np.ma.getmaskarray(column)] = fill
+    return out.astype(dtype)
+
+
+def _as_object_ids(column) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, bad mask): values that are not whole numbers are bad."""
+    values = np.ma.getdata(column)
+    missing = _missing_mask(column)
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64), missing
+    ids = np.zeros(len(values), dtype=np.int64)
+    bad = missing.copy()
+    for i, value in enumerate(values):
+        if missing[i]:
+            continue
+        try:
+            number = float(value) if values.dtype.kind == "f" else None
+            if number is not None:
+                if not number.is_integer():
+                    raise ValueError
+                ids[i] = int(number)
+            else:
+                ids[i] = int(str(value).strip())
+        except (ValueError, OverflowError):
+            bad[i] = True
+    return ids, bad
+
+
+def _read_table(path: Path, fmt: str):
+    from astropy.table import Table
+
+    try:
+        return Table.read(path, format=fmt)
+    except Exception as err:  # astropy raises many types for a file it cannot parse
+        raise CatalogError(f"catalog {path}: cannot be read as {fmt} ({type(err).__name__}: {err})") from None
+
+
+def _read_legacy(path: Path, n_bands: int) -> tuple[dict, LegacySource]:
+    """Columns (in catalog names) and the image source of an ssl-sky-surveys HDF5 file."""
+    import h5py
+
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        raise CatalogError(f"catalog {path}: not a readable HDF5 file ({err})") from None
+    with handle:
+        needed = [stored for stored, name in LEGACY_LAYOUT.items() if name not in OPTIONAL_COLUMNS]
+        missing = [name for name in needed if name not in handle]
+        if missing:
+            raise CatalogError(
+                f"catalog {path}: missing dataset(s) {', '.join(missing)} of the ssl-sky-surveys layout; "
+                f"it has {', '.join(sorted(handle))}. Expected {', '.join(LEGACY_LAYOUT)} "
+                f"({', '.join(needed)} required), or pack a FITS/CSV catalog with columns {', '.join(REQUIRED_COLUMNS)}"
+            )
+        shape = handle["images"].shape
+        if len(shape) != 4:
+            raise CatalogError(f"catalog {path}: `images` has shape {shape}; expected (N, C, H, W) or (N, H, W, C)")
+        if shape[1] == n_bands:
+            channels_last, hw = False, (shape[2], shape[3])
+        elif shape[3] == n_bands:
+            channels_last, hw = True, (shape[1], shape[2])
+        else:
+            raise CatalogError(f"catalog {path}: `images` of shape {shape} has no axis of {n_bands} bands "
+                               "after N; set survey= to the survey of these images")
+        columns = {}
+        for stored, name in LEGACY_LAYOUT.items():
+            if stored != "images" and stored in handle:
+                columns[name] = handle[stored][()]
+    n = shape[0]
+    for name, values in columns.items():
+        if len(values) != n:
+            raise CatalogError(f"catalog {path}: dataset for {name!r} has {len(values)} rows, `images` has {n}")
+    columns["file"] = np.array([f"{path.name}[{i}]" for i in range(n)])
+    return columns, LegacySource(path, channels_last, n_bands, hw)
+
+
+def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5) -> Catalog:
+    """Read and validate a catalog; see the module docstring.
+
+    ``n_bands_hint`` tells the axis of the bands in a legacy HDF5 ``images``
+    dataset (5 for SDSS ugriz, the survey of the original files).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogError(f"catalog {path} does not exist; give the catalog written by `sslsky mock` "
+                           "or your own FITS/CSV/ECSV table")
+    fmt = catalog_format(path)
+    legacy = None
+    if fmt == "legacy-hdf5":
+        raw, legacy = _read_legacy(path, n_bands_hint)
+        names = list(raw)
+    else:
+        table = _read_table(path, fmt)
+        names = list(table.colnames)
+        raw = {name: table[name] for name in names}
+        if "file" not in raw and FILE_LOC_COLUMN in raw:  # Galaxy Zoo convention
+            raw["file"] = raw[FILE_LOC_COLUMN]
+        missing = [name for name in REQUIRED_COLUMNS if name not in raw]
+        if missing:
+            also = f" (or {FILE_LOC_COLUMN!r})" if "file" in missing else ""
+            raise CatalogError(
+                f"catalog {path} is missing required column(s) {', '.join(map(repr, missing))}{also}; "
+                f"it has {', '.join(names) or 'no columns'}. Add the column(s) (rename yours if they hold "
+                f"the same thing); every catalog needs {', '.join(REQUIRED_COLUMNS)}"
+            )
+
+    n = len(raw["object_id"])
+    object_id, bad_id = _as_object_ids(raw["object_id"])
+    columns = {
+        "object_id": object_id,
+        "ra": _as_float(raw["ra"], np.nan, np.float64),
+        "dec": _as_float(raw["dec"], np.nan, np.float64),
+        "file": np.asarray(np.ma.filled(raw["file"], "") if np.ma.isMaskedArray(raw["file"])
+                           else np.ma.getdata(raw["file"]), dtype=str),
+    }
+    for name, fill in OPTIONAL_COLUMNS.items():
+        dtype = SHARD_COLUMNS[name]
+        if name not in raw:
+            columns[name] = np.full(n, fill, dtype=dtype)
+        elif np.issubdtype(dtype, np.integer):
+            values = _as_float(raw[name], fill, np.float64)
+            values[~np.isfinite(values)] = fill
+            columns[name] = values.astype(dtype)
+        else:
+            columns[name] = _as_float(raw[name], fill, dtype)
+    cat = Catalog(path, columns, legacy=legacy)
+
+    vote_names = [name for name in names if name.startswith(VOTES_PREFIX)]
+    if vote_names:  # masked or NaN counts (no volunteer saw it) become 0
+        votes = np.stack([_as_float(raw[name], 0.0, np.float64) for name in vote_names], axis=1)
+        votes[~np.isfinite(votes)] = 0
+        cat.votes, cat.votes_columns = np.rint(votes).astype(np.int32), vote_names
+    for name in names:
+        if any(name.startswith(f"{prefix}_") for prefix in PER_BAND_COLUMNS):
+            cat.per_band[name] = _as_float(raw[name], np.nan, np.float32)
+
+    # Rows that cannot be packed, whatever their cutout holds.
+    reasons: dict[int, str] = {}
+    empty = {name: _missing_mask(raw[name]) for name in ("ra", "dec", "file")}
+    empty["ra"] |= ~np.isfinite(columns["ra"])
+    empty["dec"] |= ~np.isfinite(columns["dec"])
+    for row in np.flatnonzero(bad_id | empty["ra"] | empty["dec"] | empty["file"]):
+        row = int(row)
+        problems = [f"missing {name}" for name in ("ra", "dec", "file") if empty[name][row]]
+        if bad_id[row]:
+            value = np.ma.getdata(raw["object_id"])[row]
+            problems.insert(0, "missing object_id" if _missing_mask(raw["object_id"][row:row + 1])[0]
+                            else f"object_id {value!r} is not an integer")
+        reasons[row] = "; ".join(problems)
+    id_rows = np.flatnonzero(~bad_id)
+    _, first, inverse = np.unique(object_id[id_rows], return_index=True, return_inverse=True)
+    first_row = id_rows[first][inverse]  # (len(id_rows),) first row holding the same id
+    for row, original in zip(id_rows[first_row != id_rows], first_row[first_row != id_rows]):
+        reasons.setdefault(int(row), f"duplicate object_id {int(object_id[row])} (first at row {int(original)})")
+    for row in sorted(reasons):
+        oid = "" if bad_id[row] else int(object_id[row])
+        cat.rejected.append((row, oid, str(columns["file"][row]), reasons[row]))
+    keep = np.ones(n, dtype=bool)
+    keep[list(reasons)] = False
+    cat.valid_rows = np.flatnonzero(keep).astype(np.int64)
+    return cat

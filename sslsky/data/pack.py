@@ -1,0 +1,578 @@
+"""``sslsky pack``: cutouts listed in a catalog -> HDF5 shards + ``manifest.json`` (MPI-aware).
+
+    sslsky pack --catalog mock_sdss/catalog.fits --out packed --shard-size 1024
+    mpirun -n 8 sslsky pack --catalog mock_sdss/catalog.fits --out packed dtype=float16
+
+Steps:
+
+1. Every rank reads and checks the catalog (:mod:`sslsky.data.catalog`): a
+   missing column stops here, before any work (exit status 2). Rows with an
+   empty required value or a repeated object_id are listed, not packed.
+2. Rank 0 reads the first readable cutout to fix the layout of the pack
+   (survey, bands, pixel scale, image shape, photometric or colour) and
+   shares it, so every rank checks cutouts against the same layout.
+3. The packable rows are split into one contiguous block per rank
+   (:func:`sslsky.parallel.split_evenly`); each rank writes its block as
+   shards of ``shard_size`` rows with plain h5py, each under a temporary
+   name then ``os.replace``'d, so a file named like a shard is always whole.
+   A cutout that cannot be packed (:class:`~sslsky.data.fits_io.CutoutError`)
+   is listed and left out; the run goes on.
+4. A shard stores in its attributes a key over its catalog rows and the
+   config fields that change its content; a re-run skips shards whose key
+   matches (resume after a crash or a SIGKILL) and rewrites the others.
+5. Rank 0 gathers shard lists, rejections, a pixel sample for the per-band
+   statistics (the same cutouts for any number of ranks) and the float16
+   error, and writes ``manifest.json``, ``rejected.csv`` and ``config.yaml``
+   atomically.
+
+Exit status: 0 when every row was packed, 3 when some were rejected (listed
+in ``OUT/rejected.csv``), 2 for a config or catalog error.
+
+Testing hook: the environment variable ``SSLSKY_PACK_SLEEP_PER_CUTOUT``
+(seconds, default 0) makes every cutout take that much longer, so a test
+can kill a pack half-way. It changes nothing that is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+import sslsky
+from sslsky.config import ConfigError, PackConfig, config_to_dict, write_config
+from sslsky.data.catalog import Catalog, read_catalog
+from sslsky.data.fits_io import CutoutError, check_cutout, read_cutout, read_legacy_image
+from sslsky.data.schema import (
+    BAND_PLACEHOLDER,
+    CATALOG_ROW_COLUMN,
+    IMAGE_DTYPES,
+    IMAGES_DATASET,
+    MANIFEST_NAME,
+    PACK_KEY_ATTR,
+    PACK_REJECTED_ATTR,
+    PER_BAND_COLUMNS,
+    REJECTED_FIELDS,
+    REJECTED_NAME,
+    RGB_BANDS,
+    SCHEMA_VERSION,
+    SHARD_COLUMNS,
+    SHARD_PATTERN,
+    VOTES_COLUMNS_ATTR,
+    VOTES_DATASET,
+)
+from sslsky.parallel import get_comm, split_evenly
+from sslsky.surveys import SURVEYS, get_survey
+
+#: Testing hook (see the module docstring): seconds slept per cutout.
+SLEEP_ENV = "SSLSKY_PACK_SLEEP_PER_CUTOUT"
+#: Cutouts, spread over the catalog, whose most common layout becomes the pack's layout.
+PROBE_SAMPLE = 25
+#: Rows tried in order when none of that sample can be read, before giving up with an error.
+PROBE_TRIES = 100
+#: Pixels per band taken (evenly strided) from each sampled cutout for the statistics.
+STATS_PIXELS_PER_BAND = 256
+#: Seed of the choice of cutouts for the statistics: a fixed sample, whatever the ranks.
+STATS_SEED = 20210401
+#: Smallest normal float16; the relative error is reported over |x| >= this.
+FLOAT16_TINY = float(np.finfo(np.float16).smallest_normal)
+
+
+@dataclass
+class Layout:
+    """What every cutout of a pack must look like; fixed by rank 0 from the first readable cutout."""
+
+    kind: str  # "fits" (cube), "bands" (one file per band), "rgb" (PNG/JPEG), "legacy" (ssl-sky-surveys HDF5)
+    survey: str  # "" when unknown
+    bands: str  # "ugriz", "grz", "RGB", ...
+    pixel_scale: float | None  # arcsec / pixel
+    shape: tuple[int, int, int]  # (C, H, W)
+    photometric: bool  # False for 8-bit colour images: flux-based augmentations must refuse them
+
+
+# ---------------------------------------------------------------------------
+# Set-up: config checks and the layout probe.
+# ---------------------------------------------------------------------------
+
+
+def check_config(cfg: PackConfig) -> None:
+    """Raise :class:`ConfigError` for a config that cannot work."""
+    if not cfg.catalog:
+        raise ConfigError("no catalog given; pass --catalog CAT (FITS, CSV, ECSV or ssl-sky-surveys HDF5)")
+    if not cfg.out:
+        raise ConfigError("no output folder given; pass --out DIR")
+    if cfg.dtype not in IMAGE_DTYPES:
+        raise ConfigError(f"dtype={cfg.dtype!r} is not supported; choose one of {', '.join(IMAGE_DTYPES)}")
+    if cfg.shard_size < 1:
+        raise ConfigError(f"shard_size={cfg.shard_size} must be at least 1")
+    if cfg.image_size < 0:
+        raise ConfigError(f"image_size={cfg.image_size} must be 0 (the survey's cutout size) or positive")
+    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
+        raise ConfigError(f"max_bad_fraction={cfg.max_bad_fraction} must lie in [0, 1]")
+    if cfg.stats_sample < 0:
+        raise ConfigError(f"stats_sample={cfg.stats_sample} must be 0 or positive")
+    if cfg.survey:
+        try:
+            get_survey(cfg.survey)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if cfg.dtype == "float16" and abs(cfg.fill_value) > np.finfo(np.float16).max:
+        raise ConfigError(f"fill_value={cfg.fill_value} does not fit in float16")
+
+
+def _survey_of(bands: str, header_survey: str) -> str:
+    """Survey named in the header, else the one whose bands are ``bands``, else ""."""
+    if header_survey.lower() in SURVEYS:
+        return header_survey.lower()
+    for name, survey in SURVEYS.items():
+        if "".join(survey.bands) == bands:
+            return name
+    return ""
+
+
+def _layout_of(cutout, path: str, cfg: PackConfig) -> Layout | str:
+    """The layout one cutout implies (with the config's survey and image size), or why it cannot say."""
+    survey = get_survey(cfg.survey) if cfg.survey else None
+    height, width = cutout.data.shape[1:]
+    kind = "bands" if BAND_PLACEHOLDER in path else "rgb" if cutout.bands == RGB_BANDS else "fits"
+    if kind == "rgb":
+        # Colour renderings are resampled: their size is their own, not the survey's cutout size.
+        size = (cfg.image_size, cfg.image_size) if cfg.image_size else (height, width)
+        pixel_scale = survey.pixel_scale if survey else cutout.pixel_scale
+        return Layout(kind, survey.name if survey else "", RGB_BANDS, pixel_scale, (3, *size), False)
+    name = survey.name if survey else _survey_of(cutout.bands, cutout.survey)
+    known = SURVEYS.get(name)
+    bands = "".join(known.bands) if known else cutout.bands
+    if not bands:
+        return f"cutout {path} has no BANDS keyword and no survey is configured; set survey=sdss or survey=decals"
+    pixel_scale = known.pixel_scale if known else cutout.pixel_scale
+    side = cfg.image_size or (known.cutout_size if known else 0)
+    size = (side, side) if side else (height, width)
+    return Layout(kind, name, bands, pixel_scale, (len(bands), *size), True)
+
+
+def probe_layout(cat: Catalog, cfg: PackConfig) -> Layout | str:
+    """The layout of the pack, or an error message when no cutout of those tried can be read.
+
+    Reads up to PROBE_SAMPLE cutouts spread evenly over the catalog and keeps the most common
+    layout (the earliest on a tie), so one odd cutout at the top cannot decide it; when none of
+    them is readable, tries the first PROBE_TRIES rows in order.
+    """
+    survey = get_survey(cfg.survey) if cfg.survey else None
+    if cat.legacy is not None:
+        survey = survey or SURVEYS["sdss"]  # the original ssl-sky-surveys files are SDSS ugriz
+        size = cfg.image_size or survey.cutout_size
+        return Layout("legacy", survey.name, "".join(survey.bands), survey.pixel_scale,
+                      (cat.legacy.n_bands, size, size), True)
+    template_bands = "".join((survey or SURVEYS["sdss"]).bands)  # SDSS is the one-file-per-band survey
+    rows = cat.valid_rows
+    spread = np.unique(np.linspace(0, len(rows) - 1, min(len(rows), PROBE_SAMPLE)).astype(np.int64))
+    layouts: dict[str, list] = {}  # layout as JSON -> [layout, count, first path, first size]
+    failures: dict[int, str] = {}  # row -> problem
+    for candidates in (rows[spread], rows[:PROBE_TRIES]):
+        for row in candidates:
+            path = cat.cutout_path(int(row))
+            if int(row) in failures:
+                continue
+            try:
+                cutout = read_cutout(path, template_bands)
+            except CutoutError as err:
+                failures[int(row)] = f"row {int(row)}: {err}"
+                continue
+            layout = _layout_of(cutout, path, cfg)
+            if isinstance(layout, str):
+                return layout
+            entry = layouts.setdefault(json.dumps(asdict(layout)), [layout, 0, path, cutout.data.shape[1:]])
+            entry[1] += 1
+        if layouts:
+            break
+    if not layouts:
+        listing = "\n  ".join(failures[row] for row in sorted(failures)[:5])
+        return (f"none of the first {len(failures)} cutouts of {cat.path} could be read; paths in `file` are "
+                f"relative to the catalog's folder ({cat.folder}). First problems:\n  {listing}")
+    ranked = sorted(layouts.values(), key=lambda entry: -entry[1])  # stable: earliest first on a tie
+    layout, count, path, (height, width) = ranked[0]
+    if len(ranked) > 1:
+        others = "; ".join(f"{e[1]} like {e[2]} ({e[0].bands}, {e[3][0]}x{e[3][1]})" for e in ranked[1:])
+        print(f"sslsky pack: warning: sampled cutouts differ; packing the layout of {count} of them "
+              f"({layout.bands}, {layout.shape[1]}x{layout.shape[2]}); others are rejected: {others}",
+              file=sys.stderr)
+    if (height, width) != tuple(layout.shape[1:]):
+        print(f"sslsky pack: warning: sampled cutouts such as {path} are {height}x{width} but the pack "
+              f"expects {layout.shape[1]}x{layout.shape[2]}; cutouts of another size are rejected. "
+              f"Set image_size={height} to pack them.", file=sys.stderr)
+    return layout
+
+
+# ---------------------------------------------------------------------------
+# One rank's work.
+# ---------------------------------------------------------------------------
+
+
+def stats_rows(valid_rows: np.ndarray, n_sample: int) -> np.ndarray:
+    """(K,) sorted catalog rows sampled for the per-band statistics: the same for any number of ranks."""
+    if n_sample >= len(valid_rows):
+        return np.asarray(valid_rows, dtype=np.int64)
+    rng = np.random.default_rng(STATS_SEED)
+    return np.sort(rng.choice(np.asarray(valid_rows, dtype=np.int64), size=n_sample, replace=False))
+
+
+def pixel_sample(image: np.ndarray) -> np.ndarray:
+    """(C, P) float32: evenly strided pixels of a stored (C, H, W) image, for the statistics."""
+    flat = np.asarray(image, dtype=np.float32).reshape(image.shape[0], -1)
+    step = max(1, flat.shape[1] // STATS_PIXELS_PER_BAND)
+    return flat[:, ::step]
+
+
+def float16_errors(data: np.ndarray, stored: np.ndarray) -> tuple[float, float]:
+    """(largest relative error over |x| >= float16 normal minimum, largest absolute error)."""
+    exact = data.astype(np.float64)
+    error = np.abs(stored.astype(np.float64) - exact)
+    normal = np.abs(exact) >= FLOAT16_TINY
+    relative = float((error[normal] / np.abs(exact[normal])).max()) if normal.any() else 0.0
+    return relative, float(error.max()) if error.size else 0.0
+
+
+def shard_key(cat: Catalog, rows: np.ndarray, layout: Layout, cfg: PackConfig) -> str:
+    """Identity of a shard's work: its catalog rows and what they hold, the layout, the content config."""
+    content = {
+        "schema_version": SCHEMA_VERSION,
+        "catalog_rows": cat.row_digest(rows),
+        "layout": asdict(layout),
+        "dtype": cfg.dtype,
+        "fill_value": cfg.fill_value,
+        "max_bad_fraction": cfg.max_bad_fraction,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CutoutSource:
+    """Reads the cutout of a catalog row as (C, H, W) float32, per the layout."""
+
+    def __init__(self, cat: Catalog, layout: Layout):
+        self.cat, self.layout = cat, layout
+        self._legacy = None
+        if cat.legacy is not None:
+            import h5py
+
+            self._legacy = h5py.File(cat.legacy.path, "r")
+
+    def read(self, row: int) -> tuple[np.ndarray, str]:
+        """(data, bands the file declares or "")."""
+        if self._legacy is not None:
+            where = f"{self.cat.legacy.path}[{row}]"
+            return read_legacy_image(self._legacy[IMAGES_DATASET], row, self.cat.legacy.channels_last, where), ""
+        cutout = read_cutout(self.cat.cutout_path(row), self.layout.bands)
+        return cutout.data, cutout.bands
+
+    def close(self) -> None:
+        if self._legacy is not None:
+            self._legacy.close()
+
+
+@dataclass
+class ShardResult:
+    """What a rank reports about one shard."""
+
+    entry: dict  # manifest entry: path, rows, sha256, rank, catalog_rows
+    rejected: list  # [(row, object_id, file, reason)]
+    samples: dict  # catalog row -> (C, P) float32 pixel sample
+    float16_error: tuple[float, float]  # (relative, absolute)
+    read: int  # cutouts read in this run (0 when the shard was skipped)
+    skipped: bool
+
+
+def _attr_str(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _finished_shard(path: Path, key: str, rank: int, first_last: list[int], samples_wanted: set) -> ShardResult | None:
+    """The result of a shard a previous run finished with the same key, else None (it is rewritten)."""
+    import h5py
+
+    if not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as handle:
+            if _attr_str(handle.attrs.get(PACK_KEY_ATTR, "")) != key:
+                print(f"sslsky pack: rank {rank}: rewriting {path.name}: it was made from other rows or config",
+                      file=sys.stderr)
+                return None
+            rows = handle[CATALOG_ROW_COLUMN][()]
+            images = handle[IMAGES_DATASET]
+            samples = {int(r): pixel_sample(images[i]) for i, r in enumerate(rows) if int(r) in samples_wanted}
+            rejected = [tuple(item) for item in json.loads(_attr_str(handle.attrs[PACK_REJECTED_ATTR]))]
+            errors = (float(handle.attrs["float16_max_relative_error"]),
+                      float(handle.attrs["float16_max_absolute_error"]))
+            n = images.shape[0]
+    except (OSError, KeyError, ValueError) as err:
+        print(f"sslsky pack: rank {rank}: rewriting {path.name}: cannot read it back ({err})", file=sys.stderr)
+        return None
+    entry = {"path": path.name, "rows": int(n), "sha256": file_sha256(path), "rank": rank, "catalog_rows": first_last}
+    return ShardResult(entry, rejected, samples, errors, 0, True)
+
+
+def _write_shard(path: Path, rows: np.ndarray, key: str, cat: Catalog, layout: Layout, cfg: PackConfig,
+                 source: CutoutSource, rank: int, samples_wanted: set, progress, sleep: float) -> ShardResult:
+    import h5py
+
+    channels, height, width = layout.shape
+    dtype = np.dtype(cfg.dtype)
+    kept, filled, rejected, samples = [], [], [], {}
+    worst = (0.0, 0.0)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with h5py.File(tmp, "w") as handle:
+        images = handle.create_dataset(IMAGES_DATASET, shape=(len(rows), channels, height, width),
+                                       maxshape=(None, channels, height, width), chunks=(1, channels, height, width),
+                                       dtype=dtype, track_times=False)
+        for row in rows:
+            row = int(row)
+            try:
+                data, bands = source.read(row)
+                data, n_filled = check_cutout(data, cat.cutout_path(row), layout.bands, bands,
+                                              layout.shape[1:], cfg.max_bad_fraction, cfg.fill_value, cfg.dtype)
+            except CutoutError as err:
+                rejected.append((row, int(cat.columns["object_id"][row]), str(cat.columns["file"][row]), err.reason))
+            else:
+                stored = np.ascontiguousarray(data, dtype=dtype)
+                if dtype == np.float16:
+                    errors = float16_errors(data, stored)
+                    worst = (max(worst[0], errors[0]), max(worst[1], errors[1]))
+                images.id.write_direct_chunk((len(kept), 0, 0, 0), stored.tobytes())
+                if row in samples_wanted:
+                    samples[row] = pixel_sample(stored)
+                kept.append(row)
+                filled.append(n_filled)
+            if sleep:
+                time.sleep(sleep)
+            if progress is not None:
+                progress.update(1)
+        images.resize(len(kept), axis=0)
+        kept_rows = np.asarray(kept, dtype=np.int64)
+        for name, column_dtype in SHARD_COLUMNS.items():
+            if name == CATALOG_ROW_COLUMN:
+                values = kept_rows
+            elif name == "filled_pixels":
+                values = np.asarray(filled)
+            else:
+                values = cat.columns[name][kept_rows]
+            handle.create_dataset(name, data=np.asarray(values, dtype=column_dtype), track_times=False)
+        if cat.votes is not None:
+            votes = handle.create_dataset(VOTES_DATASET, data=cat.votes[kept_rows], track_times=False)
+            votes.attrs[VOTES_COLUMNS_ATTR] = cat.votes_columns
+        for name in PER_BAND_COLUMNS:
+            matrix = cat.per_band_matrix(name, layout.bands)
+            if matrix is not None:
+                handle.create_dataset(name, data=matrix[kept_rows].astype(np.float32), track_times=False)
+        attrs = handle.attrs
+        attrs["survey"] = layout.survey
+        attrs["bands"] = layout.bands
+        attrs["pixel_scale"] = float("nan") if layout.pixel_scale is None else float(layout.pixel_scale)
+        attrs["schema_version"] = SCHEMA_VERSION
+        attrs["photometric"] = bool(layout.photometric)
+        attrs["dtype"] = cfg.dtype
+        attrs["first_catalog_row"] = int(rows[0])
+        attrs["last_catalog_row"] = int(rows[-1])
+        attrs["float16_max_relative_error"] = worst[0]
+        attrs["float16_max_absolute_error"] = worst[1]
+        attrs[PACK_REJECTED_ATTR] = json.dumps(rejected)
+        attrs[PACK_KEY_ATTR] = key  # written last: a shard with a key is complete
+    os.replace(tmp, path)
+    entry = {"path": path.name, "rows": len(kept), "sha256": file_sha256(path), "rank": rank,
+             "catalog_rows": [int(rows[0]), int(rows[-1])]}
+    return ShardResult(entry, rejected, samples, worst, len(rows), False)
+
+
+def pack_rank(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, rank: int, size: int) -> dict:
+    """Write this rank's shards; return what rank 0 needs for the manifest."""
+    start = time.perf_counter()
+    mine = cat.valid_rows[split_evenly(len(cat.valid_rows), size, rank)]
+    groups = [mine[i:i + cfg.shard_size] for i in range(0, len(mine), cfg.shard_size)]
+    samples_wanted = set(stats_rows(cat.valid_rows, cfg.stats_sample).tolist())
+    sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
+    progress = None
+    if rank == 0 and cfg.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(mine), desc=f"pack (rank 0 of {size})", unit="cutout", file=sys.stderr)
+    source = CutoutSource(cat, layout)
+    results = []
+    try:
+        for index, rows in enumerate(groups):
+            path = out / SHARD_PATTERN.format(rank=rank, index=index)
+            key = shard_key(cat, rows, layout, cfg)
+            result = _finished_shard(path, key, rank, [int(rows[0]), int(rows[-1])], samples_wanted)
+            if result is None:
+                result = _write_shard(path, rows, key, cat, layout, cfg, source, rank, samples_wanted,
+                                      progress, sleep)
+            elif progress is not None:
+                progress.update(len(rows))
+            results.append(result)
+    finally:
+        source.close()
+        if progress is not None:
+            progress.close()
+    return {
+        "rank": rank,
+        "shards": [r.entry for r in results],
+        "rejected": [item for r in results for item in r.rejected],
+        "samples": {row: pixels for r in results for row, pixels in r.samples.items()},
+        "float16_error": (max([r.float16_error[0] for r in results], default=0.0),
+                          max([r.float16_error[1] for r in results], default=0.0)),
+        "read": sum(r.read for r in results),
+        "skipped": sum(r.skipped for r in results),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Rank 0: manifest, rejected.csv, summary.
+# ---------------------------------------------------------------------------
+
+
+def band_statistics(samples: dict, bands: str) -> dict | None:
+    """Per-band median, sigma from the MAD, 1st and 99th percentiles of the sampled pixels."""
+    if not samples:
+        return None
+    pixels = np.concatenate([samples[row] for row in sorted(samples)], axis=1).astype(np.float64)  # (C, P)
+    median = np.median(pixels, axis=1)
+    mad = np.median(np.abs(pixels - median[:, None]), axis=1)
+    return {
+        "bands": list(bands),
+        "median": median.tolist(),
+        "sigma_mad": (1.4826 * mad).tolist(),
+        "p01": np.percentile(pixels, 1, axis=1).tolist(),
+        "p99": np.percentile(pixels, 99, axis=1).tolist(),
+        "n_cutouts": len(samples),
+        "pixels_per_band": int(pixels.shape[1]),
+    }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_rejected(path: Path, rejected: list) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(REJECTED_FIELDS)
+    writer.writerows(sorted(rejected, key=lambda item: item[0]))
+    _write_atomic(path, buffer.getvalue())
+
+
+def shard_glob() -> str:
+    """Glob matching every name SHARD_PATTERN can make."""
+    return re.sub(r"\{[^}]*\}", "*", SHARD_PATTERN)
+
+
+def finish(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, reports: list[dict], size: int,
+           start: float) -> int:
+    reports = sorted(reports, key=lambda r: r["rank"])  # rank blocks are in catalog order
+    shards = [entry for r in reports for entry in r["shards"]]
+    rejected = sorted(list(cat.rejected) + [tuple(item) for r in reports for item in r["rejected"]],
+                      key=lambda item: item[0])
+    samples = {row: pixels for r in reports for row, pixels in r["samples"].items()}
+    packed = sum(entry["rows"] for entry in shards)
+    f16 = None
+    if cfg.dtype == "float16":
+        f16 = {
+            "max_relative_error": max(r["float16_error"][0] for r in reports),
+            "relative_over": f"|x| >= {FLOAT16_TINY:.6g} (float16 normal minimum)",
+            "max_absolute_error": max(r["float16_error"][1] for r in reports),
+        }
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "sslsky_version": sslsky.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "catalog": str(cat.path.resolve()),
+        "survey": layout.survey,
+        "bands": layout.bands,
+        "pixel_scale": layout.pixel_scale,
+        "photometric": layout.photometric,
+        "image_shape": list(layout.shape),
+        "dtype": cfg.dtype,
+        "counts": {"input_rows": cat.n_rows, "packed": packed, "rejected": len(rejected)},
+        "stats": band_statistics(samples, layout.bands),
+        "float16_error": f16,
+        "votes_columns": cat.votes_columns,
+        "per_band_columns": [name for name in PER_BAND_COLUMNS if cat.per_band_matrix(name, layout.bands) is not None],
+        "ranks": size,
+        "shards": shards,
+        "config": config_to_dict(cfg),
+    }
+    listed = {entry["path"] for entry in shards}
+    stale = [path for path in sorted(out.glob(shard_glob())) if path.name not in listed]
+    for path in stale:  # left by an earlier pack with other ranks or shard size
+        path.unlink()
+    write_rejected(out / REJECTED_NAME, rejected)
+    write_config(cfg, out / "config.yaml")
+    _write_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+
+    seconds = time.perf_counter() - start
+    read = sum(r["read"] for r in reports)
+    skipped = sum(r["skipped"] for r in reports)
+    rate = read / seconds / size if seconds > 0 else 0.0
+    notes = []
+    if skipped:
+        notes.append(f"skipped {skipped} finished shard(s)")
+    if stale:
+        notes.append(f"removed {len(stale)} stale shard(s)")
+    extra = f" ({', '.join(notes)})" if notes else ""
+    print(f"sslsky pack: packed {packed} of {cat.n_rows} rows into {len(shards)} shard(s) in {out}{extra}; "
+          f"rejected {len(rejected)}" + (f" (see {out / REJECTED_NAME})" if rejected else "")
+          + f"; {seconds:.2f} s, {rate:.1f} cutouts/s per rank on {size} rank(s)", flush=True)
+    return 3 if rejected else 0
+
+
+def run_pack(cfg: PackConfig) -> int:
+    """Pack the catalog's cutouts into shards; the exit status (0 all packed, 3 some rejected)."""
+    comm = get_comm()  # MPI_Init, like interpreter start-up, is not counted in the reported time
+    start = time.perf_counter()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    check_config(cfg)
+    n_bands_hint = get_survey(cfg.survey).n_bands if cfg.survey else SURVEYS["sdss"].n_bands
+    cat = read_catalog(cfg.catalog, n_bands_hint)  # every rank: a bad catalog stops all of them alike
+    out = Path(cfg.out)
+    layout = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for tmp in out.glob(f".{shard_glob()}.tmp*"):  # temp files of a killed pack
+            tmp.unlink()
+        layout = probe_layout(cat, cfg) if len(cat.valid_rows) else Layout("fits", cfg.survey, "", None, (0, 0, 0),
+                                                                           True)
+    layout = comm.bcast(layout, root=0)
+    if isinstance(layout, str):
+        raise ConfigError(layout)
+    try:
+        report = pack_rank(cat, layout, cfg, out, rank, size)
+        reports = comm.gather(report, root=0)
+        status = finish(cat, layout, cfg, out, reports, size, start) if rank == 0 else None
+    except Exception:
+        if size == 1:
+            raise
+        traceback.print_exc()
+        print(f"sslsky pack: rank {rank} failed; aborting all ranks", file=sys.stderr, flush=True)
+        comm.Abort(1)
+        raise
+    return int(comm.bcast(status, root=0))

@@ -1,0 +1,113 @@
+"""Shared fixtures: a small synthetic survey of FITS cutouts and a catalog, written with astropy.
+
+Independent of the mock simulator (sslsky/data/mock.py): tiny (5, 16, 16)
+SDSS-like cubes of noise plus a Gaussian blob, so the pack tests stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from sslsky.data.fits_io import write_cutout
+from sslsky.data.schema import MANIFEST_NAME
+from sslsky.surveys import SURVEYS
+
+SIZE = 16  # pixels: tiny cutouts keep the tests fast
+N_OBJECTS = 30
+SDSS = SURVEYS["sdss"]
+BANDS = "".join(SDSS.bands)
+VOTE_COLUMNS = ("votes_smooth_yes", "votes_smooth_no")
+
+
+def galaxy_cube(rng: np.random.Generator, n_bands: int = 5, size: int = SIZE) -> np.ndarray:
+    """(C, size, size) float32 nanomaggies: sky noise plus a round Gaussian galaxy."""
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    radius = rng.uniform(1.5, 3.0)
+    profile = np.exp(-0.5 * (x**2 + y**2) / radius**2)
+    amplitude = rng.uniform(0.5, 30.0, size=n_bands)[:, None, None]
+    noise = rng.normal(0.0, 0.05, size=(n_bands, size, size))
+    return (amplitude * profile + noise).astype(np.float32)
+
+
+def catalog_table(n: int, rng: np.random.Generator) -> Table:
+    """Catalog columns of DESIGN.md plus votes and per-band PSF / sky columns; ``file`` left to the caller."""
+    table = Table()
+    table["object_id"] = np.arange(1000, 1000 + n, dtype=np.int64)
+    table["ra"] = rng.uniform(120.0, 240.0, n)
+    table["dec"] = rng.uniform(-5.0, 60.0, n)
+    z = rng.uniform(0.01, 0.3, n)
+    z[::7] = np.nan  # some without a spectroscopic redshift
+    table["z"] = z
+    table["ebv"] = rng.uniform(0.005, 0.1, n)
+    table["morph_class"] = rng.integers(-1, 7, n).astype(np.int16)
+    table["morph_name"] = np.array(["galaxy"] * n)
+    for name in VOTE_COLUMNS:
+        table[name] = rng.integers(0, 40, n).astype(np.int32)
+    for i, band in enumerate(BANDS):
+        table[f"psf_fwhm_{band}"] = (SDSS.psf_fwhm[i] * rng.uniform(0.8, 1.2, n)).astype(np.float32)
+        table[f"sky_sigma_{band}"] = np.full(n, SDSS.sky_sigma[i], dtype=np.float32)
+    return table
+
+
+def make_survey(root: Path, n: int = N_OBJECTS, seed: int = 0) -> Path:
+    """Write ``root/cutouts/obj-*.fits`` and ``root/catalog.fits``; return the catalog path."""
+    rng = np.random.default_rng(seed)
+    (root / "cutouts").mkdir(parents=True, exist_ok=True)
+    table = catalog_table(n, rng)
+    files = []
+    for i in range(n):
+        name = f"cutouts/obj-{int(table['object_id'][i])}.fits"
+        write_cutout(root / name, galaxy_cube(rng), BANDS, SDSS.pixel_scale, table["ra"][i], table["dec"][i], "sdss")
+        files.append(name)
+    table["file"] = files
+    path = root / "catalog.fits"
+    table.write(path, overwrite=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def survey_master(tmp_path_factory) -> Path:
+    """A read-only synthetic survey written once per session (copy it before changing anything)."""
+    return make_survey(tmp_path_factory.mktemp("survey"))
+
+
+@pytest.fixture
+def survey(tmp_path, survey_master) -> Path:
+    """A private copy of the synthetic survey; returns the catalog path."""
+    root = tmp_path / "survey"
+    shutil.copytree(survey_master.parent, root)
+    return root / survey_master.name
+
+
+def read_packed(out: Path) -> dict:
+    """Everything in a packed folder, shards concatenated in manifest order, plus the manifest."""
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    parts: dict[str, list] = {}
+    attrs = []
+    for entry in manifest["shards"]:
+        with h5py.File(out / entry["path"], "r") as handle:
+            for name, dataset in handle.items():
+                parts.setdefault(name, []).append(dataset[()])
+            attrs.append(dict(handle.attrs))
+    data = {name: np.concatenate(values) for name, values in parts.items()}
+    data["manifest"] = manifest
+    data["attrs"] = attrs
+    return data
+
+
+def pack_args(catalog: Path, out: Path, *extra: str) -> list[str]:
+    """Arguments of ``sslsky pack`` for the 16x16 test cutouts; ``extra`` options and key=value in any order.
+
+    argparse wants the key=value overrides together after the options, so they are moved to the end.
+    """
+    overrides = [item for item in extra if "=" in item and not item.startswith("--")]
+    options = [item for item in extra if item not in overrides]
+    return ["pack", "--catalog", str(catalog), "--out", str(out), *options, "image_size=16", "progress=false",
+            *overrides]
