@@ -114,7 +114,7 @@ def index_shards(source: str | os.PathLike) -> ShardIndex:
     rows, parts = [], {name: [] for name in ITEM_COLUMNS + PER_BAND_COLUMNS}
     for path in paths:
         if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in the manifest is missing; re-run `sslsky pack` to rebuild it")
+            raise FileNotFoundError(f"shard {path} in the manifest is missing; re-run `sslsky pack` to rebuild it")
         with h5py.File(path, "r") as handle:
             n = handle["images"].shape[0]
             for name, values in _read_columns(handle, {c: c for c in ITEM_COLUMNS}, n, str(path)).items():
