@@ -111,3 +111,45 @@ def pack_args(catalog: Path, out: Path, *extra: str) -> list[str]:
     options = [item for item in extra if item not in overrides]
     return ["pack", "--catalog", str(catalog), "--out", str(out), *options, "image_size=16", "progress=false",
             *overrides]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """Environment for SLURM clients of the local 2-node cluster (utils/local_slurm.sh), started once.
+
+    Skips (with the reason) where the cluster cannot run: not root, or SLURM/munge not installed
+    (``make test`` installs them).
+    """
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (utils/local_slurm.sh)")
+    if shutil.which("slurmctld") is None or shutil.which("munged") is None:
+        pytest.skip("SLURM or munge not installed: run utils/install_system_deps.sh (make test does)")
+    proc = subprocess.run(["bash", str(REPO / "utils" / "local_slurm.sh"), "start"], capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"local SLURM failed to start:\n{proc.stdout}\n{proc.stderr}")
+    conf = proc.stdout.strip().rsplit("SLURM_CONF=", 1)[-1]
+    env = dict(os.environ, SLURM_CONF=conf)
+    import sys
+
+    env["SSLSKY_VENV"] = sys.prefix
+    return env
+
+
+def run_sbatch(env: dict, script: str, args: list[str], sbatch_options: list[str], log: Path,
+               timeout: float = 300) -> int:
+    """``sbatch --wait`` a script from the repository root; returns the job's exit status, log on failure."""
+    import subprocess
+
+    proc = subprocess.run(["sbatch", "--wait", f"--output={log}", f"--error={log}", *sbatch_options, script, *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode not in (0, 3):
+        text = log.read_text() if log.exists() else "(no log)"
+        raise AssertionError(f"sbatch failed ({proc.returncode}): {proc.stderr}\n--- job log ---\n{text}")
+    return proc.returncode
