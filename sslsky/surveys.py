@@ -24,6 +24,11 @@ EBV_LOGNORMAL = (0.673, 0.00115, 0.0334)
 BLANTON03_MSTAR_H1 = -20.44
 BLANTON03_ALPHA = -1.05
 BLANTON03_PHISTAR_H3 = 1.49e-2
+#: Their evolution about z0 = 0.1 (Table 10, 0.1r): M*(z) = M*(z0) - Q (z - z0),
+#: number density proportional to 10^(0.4 P (z - z0)).
+BLANTON03_Q = 1.62
+BLANTON03_P = 0.18
+BLANTON03_Z0 = 0.1
 
 #: SDSS Main Galaxy Sample spectroscopic limit (Strauss et al. 2002), r Petrosian.
 MGS_R_LIMIT = 17.77
@@ -114,3 +119,32 @@ def reddening_factor(extinction, ebv):
     import numpy as np
 
     return 10.0 ** (-0.4 * np.multiply.outer(np.asarray(ebv, dtype=np.float64), np.asarray(extinction)))
+
+
+# ---------------------------------------------------------------------------
+# Added for the mock survey (sslsky/data/mock.py).
+# ---------------------------------------------------------------------------
+
+#: Absolute-magnitude range (r, AB, h = 0.7) over which the mock samples the Blanton et al. 2003
+#: luminosity function; fainter galaxies almost never pass r <= 17.77 at z >= 0.005.
+ABS_MAG_R_RANGE = (-24.0, -16.0)
+
+#: Shen et al. 2003 (MNRAS 343, 978), r-band Petrosian half-light radius R50 [kpc, h = 0.7]
+#: against M_r. Late types (Sersic n < 2.5), their eq. 15:
+#: log10 R = -0.4 alpha M + (beta - alpha) log10(1 + 10^(-0.4 (M - M0))) + gamma.
+SHEN03_LATE = {"alpha": 0.21, "beta": 0.53, "gamma": -1.31, "m0": -20.52}
+#: Early types (n > 2.5), their eq. 14: log10 R = -0.4 a M + b.
+SHEN03_EARLY = {"a": 0.65, "b": -5.06}
+#: Scatter of ln R, their eq. 16: sigma = sigma2 + (sigma1 - sigma2) / (1 + 10^(-0.8 (M - M0))), with M0 = -20.52;
+#: (sigma1, sigma2) from their Table 1 (late types 0.48, 0.25; early types 0.45, 0.27).
+SHEN03_SCATTER_LATE = (0.48, 0.25)
+SHEN03_SCATTER_EARLY = (0.45, 0.27)
+SHEN03_SCATTER_M0 = -20.52
+
+#: SDSS photo's de Vaucouleurs model is cut off beyond 7 r_e, reaching zero at 8 r_e
+#: (Stoughton et al. 2002, AJ 123, 485); the mock truncates its Sersic profiles at 8 r50.
+SERSIC_TRUNCATION_R50 = 8.0
+
+#: R_V = A_V / E(B-V) of the Fitzpatrick (1999) curve behind the Schlafly & Finkbeiner 2011 coefficients;
+#: A_band / A_V = R_band / R_V scales the dust lanes of edge-on mock disks.
+DUST_R_V = 3.1
