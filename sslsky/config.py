@@ -67,6 +67,72 @@ class PackConfig:
     progress: bool = True
 
 
+@dataclasses.dataclass
+class ModelConfig:
+    """MoCo v2 model (``sslsky.models.MoCo.from_config``): encoder, projection head, queue, BN mode."""
+
+    arch: str = "resnet50"  # resnet18 | resnet34 | resnet50 (torchvision, random init; nothing downloaded)
+    n_bands: int = 0  # input channels; 0: the survey's band count (5 for SDSS ugriz, 3 for DECaLS grz)
+    stem: str = "hayat"  # hayat: 7x7 stride-1 conv, no max-pool (64x64 cutouts) | imagenet: stride 2 + max-pool
+    dim: int = 128  # projection (embedding) dimension
+    queue_size: int = 65536  # K negatives; must be a multiple of the global batch (batch_size x ranks)
+    momentum: float = 0.999  # key-encoder EMA: theta_k <- m theta_k + (1 - m) theta_q
+    temperature: float = 0.2  # InfoNCE temperature T
+    mlp: bool = True  # MoCo v2 2-layer MLP head (hidden = encoder feature dim); false: one linear layer (v1)
+    bn: str = "shuffle"  # shuffle: shuffled BN across ranks (local shuffle on one process) | syncbn (GPU only)
+
+
+@dataclasses.dataclass
+class AugmentConfig:
+    """On-device two-view augmentations (``sslsky.augment.AstroAugment``); each part can be switched off.
+
+    Flux-based parts (reddening, psf, noise) refuse photometric=False data (RGB PNG cutouts).
+    """
+
+    @dataclasses.dataclass
+    class Reddening:
+        enabled: bool = True
+        mode: str = "lognormal"  # lognormal: surveys.EBV_LOGNORMAL fit | uniform: E(B-V) ~ U[0, ebv_max]
+        ebv_max: float = 0.1  # upper end of the uniform draw
+
+    @dataclasses.dataclass
+    class Geometry:
+        enabled: bool = True
+        rotation: str = "any"  # any: uniform angle | right: multiples of 90 deg | none
+        flip: bool = True  # mirror with probability 1/2 (with rotation this covers both flip axes)
+        scale_min: float = 0.95  # magnification drawn log-uniform in [scale_min, scale_max]
+        scale_max: float = 1.1
+        jitter: float = 4.0  # max shift of the crop centre, cutout pixels per axis (uniform)
+        interpolation: str = "bilinear"  # bilinear | bicubic
+        cutout_size: int = 0  # input H = W; 0: the survey's cutout size
+        crop_size: int = 0  # output H = W; 0: the survey's crop size
+
+    @dataclasses.dataclass
+    class Psf:
+        enabled: bool = True
+        factor_min: float = 1.0  # target PSF FWHM = factor x the image's own, factor ~ U[min, max]
+        factor_max: float = 1.5
+        independent_bands: bool = False  # one factor per band instead of one per image
+
+    @dataclasses.dataclass
+    class Noise:
+        enabled: bool = True
+        factor_min: float = 1.0  # target sky sigma = factor x the image's own, factor ~ U[min, max]
+        factor_max: float = 1.5
+        independent_bands: bool = True  # one factor per band instead of one per image
+
+    @dataclasses.dataclass
+    class Normalize:
+        mode: str = "asinh"  # asinh: asinh(x / (k sigma_b)) | linear: (x - median_b) / sigma_b | none
+        asinh_k: float = 1.0  # softening in units of the band's noise scale (Lupton et al. 1999: ~1.04)
+
+    reddening: Reddening = dataclasses.field(default_factory=Reddening)
+    geometry: Geometry = dataclasses.field(default_factory=Geometry)
+    psf: Psf = dataclasses.field(default_factory=Psf)
+    noise: Noise = dataclasses.field(default_factory=Noise)
+    normalize: Normalize = dataclasses.field(default_factory=Normalize)
+
+
 SCHEMAS: dict[str, type] = {"mock": MockConfig, "pack": PackConfig}
 
 
