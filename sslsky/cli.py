@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sslsky.config import ConfigError, MockConfig, PackConfig, load_config
+from sslsky.config import ConfigError, MockConfig, PackConfig, PretrainConfig, load_config
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,17 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return run_pack(cfg)
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    from sslsky.train.pretrain import TrainingDivergedError, run_pretrain
+
+    try:
+        return run_pretrain(cfg)
+    except TrainingDivergedError as err:
+        print(f"sslsky pretrain: stopped: {err}", file=sys.stderr, flush=True)
+        return 4
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslsky", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16"], help="storage dtype of the images")
     _add_config_args(p)
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("pretrain", help="self-supervised pretraining (MoCo v2) on packed shards; DDP under "
+                                        "torchrun or srun; restarting resumes from run_dir",
+                       epilog="exit status: 0 finished or checkpointed on a stop signal (USR2/SIGTERM), "
+                              "2 config error, 4 the loss diverged (NaN/inf)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pretrain)
     return parser
 
 

@@ -133,7 +133,54 @@ class AugmentConfig:
     normalize: Normalize = dataclasses.field(default_factory=Normalize)
 
 
-SCHEMAS: dict[str, type] = {"mock": MockConfig, "pack": PackConfig}
+@dataclasses.dataclass
+class DataConfig:
+    """Packed shards the trainer reads (``ShardDataset``)."""
+
+    path: str = ""  # packed folder (manifest.json + shard-*.h5) or one ssl-sky-surveys HDF5 file
+    survey: str = ""  # sdss | decals; empty: from the manifest (needed for legacy files without one)
+    batch_size: int = 256  # per rank; the global batch is batch_size x ranks
+    num_workers: int = 4  # DataLoader workers per rank (persistent, pinned memory on GPU)
+    val_batches: int = 10  # held-out (split=val) batches for the contrastive top-1
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """SGD with linear lr scaling, warm-up and cosine decay (schedules are functions of the step)."""
+
+    base_lr: float = 0.03  # lr = base_lr x global_batch / reference_batch (Goyal et al. 2017)
+    reference_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    total_steps: int = 200_000
+    warmup_steps: int = 2_000
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """``sslsky pretrain``: self-supervised pretraining on packed shards (DDP, resumable)."""
+
+    method: str = "moco"  # moco (MoCo v2)
+    run_dir: str = "runs/pretrain"  # checkpoints/, metrics.jsonl, config.yaml, encoder.pt; a restart resumes here
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    device: str = "auto"  # auto (cuda if available) | cuda | cpu
+    amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none
+    channels_last: bool = True  # NHWC memory format (faster convolutions on GPU)
+    compile: bool = False  # torch.compile the model
+    log_every: int = 50  # steps between metrics.jsonl records
+    val_every: int = 1000  # steps between held-out contrastive top-1 checks; 0: never
+    checkpoint_every: int = 1000  # steps between checkpoints (and always at the end and on USR2/SIGTERM)
+    keep_checkpoints: int = 2  # newest checkpoints kept in run_dir/checkpoints
+    tensorboard: bool = True  # also log to run_dir/tensorboard (rank 0)
+    progress: bool = True  # tqdm bar on rank 0
+    debug_step_sleep: float = 0.0  # seconds to sleep after each step (tests of preemption and resume)
+
+
+SCHEMAS: dict[str, type] = {"mock": MockConfig, "pack": PackConfig, "pretrain": PretrainConfig}
 
 
 # ---------------------------------------------------------------------------
@@ -189,6 +236,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

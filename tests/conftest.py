@@ -153,3 +153,23 @@ def run_sbatch(env: dict, script: str, args: list[str], sbatch_options: list[str
         text = log.read_text() if log.exists() else "(no log)"
         raise AssertionError(f"sbatch failed ({proc.returncode}): {proc.stderr}\n--- job log ---\n{text}")
     return proc.returncode
+
+
+@pytest.fixture(scope="session")
+def packed_mock(tmp_path_factory) -> Path:
+    """A packed mock SDSS survey (128 galaxies, 107x107 ugriz) for training and evaluation tests."""
+    from sslsky.cli import main
+
+    root = tmp_path_factory.mktemp("packed_mock")
+    assert main(["mock", "--survey", "sdss", "--n", "128", "--seed", "5", "--out", str(root / "mock"),
+                 "progress=false"]) == 0
+    assert main(["pack", "--catalog", str(root / "mock" / "catalog.fits"), "--out", str(root / "packed"),
+                 "--shard-size", "48", "progress=false"]) == 0
+    return root / "packed"
+
+
+def tiny_pretrain_args(packed: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """``sslsky pretrain`` arguments for a few-second CPU run of config/pretrain_tiny.yaml."""
+    return ["pretrain", "--config", str(REPO / "config" / "pretrain_tiny.yaml"), f"data.path={packed}",
+            f"run_dir={run_dir}", "data.batch_size=8", "model.queue_size=48", "optim.total_steps=16",
+            "checkpoint_every=5", "val_every=8", "log_every=2", "progress=false", *overrides]

@@ -52,3 +52,20 @@ def test_cli_reports_config_error_with_exit_2(tmp_path):
                            "shard_sizee=2"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "did you mean 'shard_size'" in proc.stderr
+
+
+def test_nested_pretrain_config_and_exponent_floats(tmp_path):
+    from sslsky.config import PretrainConfig
+
+    path = tmp_path / "pretrain.yaml"
+    path.write_text("model:\n  arch: resnet18\naugment:\n  psf: {factor_max: 2}\n")
+    # YAML 1.1 reads 1e-4 (no dot) as a string; a float field still takes it.
+    cfg = load_config(PretrainConfig, path, ["optim.weight_decay=1e-4", "model.dim=64", "augment.noise.enabled=false"])
+    assert cfg.optim.weight_decay == 1e-4 and isinstance(cfg.optim.weight_decay, float)
+    assert (cfg.model.arch, cfg.model.dim, cfg.model.queue_size) == ("resnet18", 64, 65536)  # file, override, default
+    assert cfg.augment.psf.factor_max == 2.0 and cfg.augment.psf.factor_min == 1.0
+    assert cfg.augment.noise.enabled is False and cfg.augment.reddening.enabled is True
+    with pytest.raises(ConfigError, match=r"'augment.geometry.jiter'.*did you mean 'jitter'"):
+        load_config(PretrainConfig, None, ["augment.geometry.jiter=2"])
+    with pytest.raises(ConfigError, match="optim.base_lr: expected a number"):
+        load_config(PretrainConfig, None, ["optim.base_lr=fast"])

@@ -1,0 +1,63 @@
+"""Atomic checkpoints that ``torch.load(weights_only=True)`` accepts.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts of
+those -- no pickled objects -- written to a temporary name and moved into
+place with ``os.replace``, so a checkpoint on disk is always whole, even if
+the job is killed while writing.
+
+    save_checkpoint(state, run_dir / "checkpoints" / "step-00001000.pt")
+    state = load_latest(run_dir / "checkpoints")   # None when starting fresh
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_PATTERN = "step-{step:08d}.pt"
+_STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike, keep: int = 2) -> Path:
+    """Write ``state`` atomically; keep the newest ``keep`` checkpoints in that folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    if keep > 0:
+        for old in list_checkpoints(path.parent)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """Checkpoints in ``folder``, oldest first (temporary files ignored)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _STEP_RE.match(p.name))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; a clear error names a bad file."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for a bad file
+        raise RuntimeError(
+            f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); "
+            "delete it to resume from the previous one"
+        ) from err
+
+
+def load_latest(folder: str | os.PathLike, map_location="cpu") -> dict | None:
+    """The newest checkpoint in ``folder``, or None when there is none."""
+    found = list_checkpoints(folder)
+    return load_checkpoint(found[-1], map_location) if found else None

@@ -1,0 +1,426 @@
+"""``sslsky pretrain``: MoCo v2 pretraining with DDP, on-device augmentation and exact resume.
+
+Reads top to bottom: set-up (distributed, data, augmentation, model,
+optimizer), restore from the run directory, then the step loop
+(data -> two augmented views -> loss -> update -> log / validate /
+checkpoint), then the encoder export the evaluation scripts load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from sslsky.augment import AstroAugment
+from sslsky.config import ConfigError, PretrainConfig, config_to_dict, write_config
+from sslsky.data.schema import PER_BAND_COLUMNS
+from sslsky.data.shards import ShardDataset
+from sslsky.models import MoCo
+from sslsky.surveys import Survey, get_survey
+from sslsky.train import dist
+from sslsky.train.checkpoint import CHECKPOINT_PATTERN, load_latest, save_checkpoint
+from sslsky.train.preempt import PreemptionFlag, requeue_slurm_job
+from sslsky.train.sampler import ResumableDistributedSampler
+from sslsky.train.schedules import scaled_lr, warmup_cosine
+
+ENCODER_EXPORT = "encoder.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+METHODS = ("moco",)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class BatchAugment(nn.Module):
+    """Two augmented views of a loader batch: ``{"image", "ebv", "psf_fwhm", "sky_sigma"} -> (view1, view2)``."""
+
+    def __init__(self, augment: AstroAugment):
+        super().__init__()
+        self.augment = augment
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.augment(batch["image"], batch.get("ebv"), batch.get("psf_fwhm"), batch.get("sky_sigma"),
+                            generator=generator)
+
+
+def data_survey(cfg: PretrainConfig, attrs: dict) -> Survey:
+    """The survey of the shards (manifest), checked against ``data.survey`` when both are given."""
+    packed, wanted = attrs.get("survey") or "", cfg.data.survey
+    if packed and wanted and packed != wanted:
+        raise ConfigError(f"data.survey={wanted!r} but the shards in {cfg.data.path} are {packed!r}; "
+                          f"drop data.survey or point data.path at {wanted} shards")
+    name = packed or wanted
+    if not name:
+        raise ConfigError(f"the shards in {cfg.data.path!r} do not say their survey (legacy HDF5?); "
+                          f"set data.survey=sdss or data.survey=decals")
+    return get_survey(name)
+
+
+def build_augment(cfg: PretrainConfig, survey: Survey, dataset: ShardDataset) -> BatchAugment:
+    """The two-view augmentation for these shards: manifest statistics, photometric flag, E(B-V) checked."""
+    attrs = dataset.attrs
+    photometric = bool(attrs.get("photometric", True))
+    stats = attrs.get("stats") or {}
+    if cfg.augment.reddening.enabled and photometric:
+        ebv = dataset.index.columns["ebv"][dataset.indices]
+        bad = np.flatnonzero(~np.isfinite(ebv))
+        if bad.size:
+            ids = dataset.index.columns["object_id"][dataset.indices[bad[:5]]].tolist()
+            raise ConfigError(f"{bad.size} training images have no catalog E(B-V) (object_id {ids}...), which the "
+                              f"reddening augmentation needs to de-redden; add the ebv column to the catalog and "
+                              f"pack again, or set augment.reddening.enabled=false")
+    augment = AstroAugment(survey, cfg.augment, photometric=photometric, median=stats.get("median"),
+                           sigma=stats.get("sigma_mad"))
+    return BatchAugment(augment)
+
+
+def build_model(cfg: PretrainConfig, n_bands: int) -> nn.Module:
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method={cfg.method!r}: choose one of {', '.join(METHODS)}")
+    try:
+        return MoCo.from_config(cfg.model, n_bands)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (auto: bf16 on GPU, none on CPU)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def record_run(run_dir: Path, cfg: PretrainConfig) -> None:
+    """Resolved config, exact command and git SHA in the run directory (rank 0)."""
+    write_config(cfg, run_dir / "config.yaml")
+    with open(run_dir / "command.txt", "a") as handle:
+        handle.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} git {git_sha()} "
+                     f"job {os.environ.get('SLURM_JOB_ID', '-')}: {shlex.join(sys.argv)}\n")
+
+
+def batch_to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = {"image": batch["image"].to(device, non_blocking=True, memory_format=fmt),
+           "ebv": batch["ebv"].to(device, non_blocking=True, dtype=torch.float32)}
+    for name in PER_BAND_COLUMNS:
+        if name in batch:
+            out[name] = batch[name].to(device, non_blocking=True)
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard) on rank 0; silent elsewhere."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                print("pretrain: tensorboard is not installed; logging to metrics.jsonl only", flush=True)
+        self.path = run_dir / METRICS_FILE
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@torch.no_grad()
+def contrastive_top1(model, augment, loader, device, channels_last, batches: int, seed: int) -> float:
+    """Held-out contrastive top-1: how often a view's nearest other view (in-batch, cosine) is its pair."""
+    model.eval()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    hits, total = 0, 0
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        b = batch_to_device(batch, device, channels_last)
+        v1, v2 = augment(b, generator=gen)
+        q = F.normalize(model.embed(v1), dim=1)
+        k = F.normalize(model.embed(v2), dim=1)
+        pred = (q @ k.T).argmax(dim=1)
+        hits += (pred == torch.arange(len(q), device=device)).sum().item()
+        total += len(q)
+    model.train()
+    return hits / max(1, total)
+
+
+def run_pretrain(cfg: PretrainConfig) -> int:
+    """Train (or resume) as configured; 0 when finished or checkpointed on a stop signal."""
+    preempt = PreemptionFlag()  # USR2 / SIGTERM only set a flag from here on
+    try:
+        return _run(cfg, preempt)
+    finally:
+        preempt.close()
+        dist.cleanup()
+
+
+def _run(cfg: PretrainConfig, preempt: PreemptionFlag) -> int:
+    # ---- set-up ---------------------------------------------------------------------------
+    env = dist.init_distributed()
+    rank, world = dist.rank(), dist.world_size()
+    device = pick_device(cfg.device, dist.local_rank())
+    main = rank == 0
+    run_dir = Path(cfg.run_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record_run(run_dir, cfg)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: point it at a packed folder (sslsky pack --out ...)")
+    train_set = ShardDataset(cfg.data.path, split="train")
+    val_set = ShardDataset(cfg.data.path, split="val")
+    survey = data_survey(cfg, train_set.attrs)
+    augment = build_augment(cfg, survey, train_set).to(device)
+    n_bands = len(train_set.attrs.get("bands") or survey.bands)
+    model = build_model(cfg, n_bands).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters_to_optimize(), lr=0.0, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    global_batch = cfg.data.batch_size * world
+    peak_lr = scaled_lr(cfg.optim.base_lr, global_batch, cfg.optim.reference_batch)
+    aug_gen = torch.Generator(device=device)
+    aug_gen.manual_seed(cfg.seed * 1_000_003 + rank)
+
+    # ---- restore: a started-again run just continues ----------------------------------------
+    step = 0
+    state = load_latest(run_dir / "checkpoints")
+    if state is not None:
+        model.load_state_dict(state["model"])  # strict: a mismatch is an error, never ignored
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        if len(state["rng"]["augment"]) == world:
+            aug_gen.set_state(state["rng"]["augment"][rank])
+        else:  # a different number of ranks: same data order, fresh augmentation draws
+            aug_gen.manual_seed(cfg.seed * 1_000_003 + rank + step)
+            if main:
+                print(f"pretrain: checkpoint has {len(state['rng']['augment'])} ranks, this job {world}; "
+                      "augmentation RNG re-seeded", flush=True)
+        if main:
+            print(f"pretrain: resumed from step {step} in {run_dir}", flush=True)
+
+    sampler = ResumableDistributedSampler(train_set, cfg.data.batch_size, num_replicas=world, rank=rank,
+                                          seed=cfg.seed)
+    # The loader draws its worker seeds from its own generator, so starting an epoch (or resuming
+    # mid-epoch) never advances the global RNG that the key shuffle uses: exact resume.
+    loader = DataLoader(train_set, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.data.num_workers > 0, generator=torch.Generator())
+    val_loader = DataLoader(val_set, batch_size=min(cfg.data.batch_size, max(2, len(val_set))), shuffle=False,
+                            num_workers=0, drop_last=False)
+    net = model
+    if world > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
+    if cfg.compile:
+        net = torch.compile(net)
+    log = MetricsLog(run_dir, main, cfg.tensorboard)
+    steps_per_epoch = sampler.batches_per_epoch
+    if main:
+        print(f"pretrain: {env} | {len(train_set)} train / {len(val_set)} val images, "
+              f"{steps_per_epoch} steps/epoch, global batch {global_batch}, peak lr {peak_lr:.4g}, "
+              f"steps {step}->{cfg.optim.total_steps}, device {device}, amp {amp_dtype}", flush=True)
+    bar = None
+    if main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.optim.total_steps, initial=step, desc="pretrain", dynamic_ncols=True)
+
+    def checkpoint() -> None:
+        """Called on every rank at the same step; rank 0 writes."""
+        gathered_rng = gather_rng(aug_gen)
+        if not main:
+            return
+        save_checkpoint({
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "rng": {"torch": torch.get_rng_state(), "augment": gathered_rng,
+                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
+            "config": config_to_dict(cfg),
+        }, run_dir / "checkpoints" / CHECKPOINT_PATTERN.format(step=step), keep=cfg.keep_checkpoints)
+
+    # ---- the step loop -------------------------------------------------------------------------
+    timers = dict.fromkeys(("data", "augment", "forward_backward", "optimizer", "sync"), 0.0)
+    window_start, window_steps, stopped = time.perf_counter(), 0, False
+    model.train()
+    while step < cfg.optim.total_steps and not stopped:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, start_batch=offset)
+        t = time.perf_counter()
+        for batch in loader:
+            b = batch_to_device(batch, device, cfg.channels_last)
+            sync(device)
+            timers["data"] += (now := time.perf_counter()) - t
+            t = now
+            with torch.no_grad():
+                view_q, view_k = augment(b, generator=aug_gen)
+            sync(device)
+            timers["augment"] += (now := time.perf_counter()) - t
+            t = now
+            lr = warmup_cosine(step, peak_lr, cfg.optim.total_steps, cfg.optim.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, acc = net(view_q, view_k)
+            if agree_any(not bool(torch.isfinite(loss.detach())), device):  # every rank stops together
+                raise TrainingDivergedError(
+                    f"loss is not finite (rank {rank}: {loss.item()}) at step {step} (lr {lr:.4g}); lower "
+                    f"optim.base_lr, check the augmentation ranges and the data (NaN pixels?), then resume "
+                    f"from the last checkpoint"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            sync(device)
+            timers["forward_backward"] += (now := time.perf_counter()) - t
+            t = now
+            scaler.step(optimizer)
+            scaler.update()
+            sync(device)
+            timers["optimizer"] += (now := time.perf_counter()) - t
+            t = now
+            step += 1
+            window_steps += 1
+            stop = preempt.agreed(device)
+            timers["sync"] += (now := time.perf_counter()) - t
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
+            if step % cfg.log_every == 0 or step == cfg.optim.total_steps:
+                elapsed = time.perf_counter() - window_start
+                log.write({"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(), "acc": acc.item(),
+                           "lr": lr, "images_per_s": window_steps * global_batch / elapsed,
+                           **{f"time_{k}": v / window_steps for k, v in timers.items()}})
+                timers = dict.fromkeys(timers, 0.0)
+                window_start, window_steps = time.perf_counter(), 0
+            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.optim.total_steps):
+                if main:
+                    top1 = contrastive_top1(model, augment, val_loader, device, cfg.channels_last,
+                                            cfg.data.val_batches, cfg.seed)
+                    log.write({"step": step, "val_top1": top1})
+                    if bar is None:
+                        print(f"pretrain: step {step} loss {loss.item():.4f} val contrastive top-1 {top1:.3f}",
+                              flush=True)
+                dist.barrier()
+            if step % cfg.checkpoint_every == 0 or step == cfg.optim.total_steps or stop:
+                checkpoint()
+            if cfg.debug_step_sleep:
+                time.sleep(cfg.debug_step_sleep)
+            if stop:
+                stopped = True
+                break
+            if step >= cfg.optim.total_steps:
+                break
+            t = time.perf_counter()
+
+    # ---- the end: preempted, or finished and exported -------------------------------------
+    if bar is not None:
+        bar.close()
+    log.close()
+    dist.barrier()
+    if stopped:
+        if main:
+            print(f"pretrain: stop signal {preempt.signum} -> checkpoint at step {step}", flush=True)
+            if not requeue_slurm_job():
+                print("pretrain: not under SLURM; run the same command again to continue", flush=True)
+        return 0
+    if main:
+        path = export_encoder(model, cfg, survey, n_bands, train_set.attrs, run_dir / ENCODER_EXPORT)
+        print(f"pretrain: finished {step} steps; encoder exported to {path}", flush=True)
+    return 0
+
+
+def agree_any(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.world_size() > 1:
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_rng(gen: torch.Generator) -> list[torch.Tensor]:
+    """Every rank's augmentation RNG state (rank 0 saves them all), as CPU byte tensors."""
+    state = gen.get_state().cpu()
+    if dist.world_size() == 1:
+        return [state]
+    return [s for s in dist.all_gather_object(state)]
+
+
+def export_encoder(model, cfg: PretrainConfig, survey: Survey, n_bands: int, attrs: dict, path: Path) -> Path:
+    """The query encoder's weights plus what an evaluation needs to rebuild it (weights_only-safe)."""
+    save_checkpoint({
+        "format": "sslsky-encoder-v1",
+        "encoder": model.encoder_state_dict(),
+        "arch": cfg.model.arch,
+        "stem": cfg.model.stem,
+        "in_channels": n_bands,
+        "feature_dim": model.feature_dim,
+        "method": cfg.method,
+        "model": config_to_dict(cfg.model),
+        "augment": config_to_dict(cfg.augment),
+        "survey": survey.name,
+        "bands": list(survey.bands),
+        "stats": attrs.get("stats", {}),
+    }, path, keep=0)
+    return path
+
