@@ -269,8 +269,10 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag) -> int:
                             num_workers=0, drop_last=False)
     net = model
     if world > 1:
+        # Buffers (BN statistics, the queue) stay each rank's own during training: the queue is
+        # identical everywhere by construction (gathered keys), BN statistics need no broadcast.
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=False)
+                                      **ddp_buffer_kwargs())
     if cfg.compile:
         net = torch.compile(net)
     log = MetricsLog(run_dir, main, cfg.tensorboard)
@@ -388,6 +390,14 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag) -> int:
         path = export_encoder(model, cfg, survey, n_bands, train_set.attrs, run_dir / ENCODER_EXPORT)
         print(f"pretrain: finished {step} steps; encoder exported to {path}", flush=True)
     return 0
+
+
+def ddp_buffer_kwargs() -> dict:
+    """No buffer broadcast each forward (``forward_sync_buffers`` in new torch, ``broadcast_buffers`` before)."""
+    import inspect
+
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def agree_any(flag: bool, device: torch.device) -> bool:
