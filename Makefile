@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo_out
-DEMO_N ?= 300
+DEMO_N ?= 600
 # Tests run real MPI ranks as root in CI containers; OpenMPI refuses that unless told.
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: mock survey -> pack (MPI ranks when mpirun is
-# here) -> read the shards back, printing a summary of each stage.
+# here) -> read the shards back -> MoCo v2 pretraining on CPU, printing a
+# summary of each stage.
 #   utils/demo.sh VENV_BIN OUT_DIR N_GALAXIES
 set -euo pipefail
 BIN=${1:-.venv/bin}
@@ -8,10 +9,14 @@ OUT=${2:-demo_out}
 N=${3:-300}
 mkdir -p "$OUT"
 
-echo "== 1/3 mock survey: $N SDSS galaxies (ugriz, 107x107) -> $OUT/mock"
-"$BIN/sslsky" mock --survey sdss --n "$N" --seed 1 --out "$OUT/mock"
+echo "== 1/4 mock survey: $N SDSS galaxies (ugriz, 107x107) -> $OUT/mock"
+if command -v mpirun >/dev/null 2>&1; then
+  mpirun -n 2 "$BIN/sslsky" mock --survey sdss --n "$N" --seed 1 --out "$OUT/mock" progress=false
+else
+  "$BIN/sslsky" mock --survey sdss --n "$N" --seed 1 --out "$OUT/mock" progress=false
+fi
 
-echo "== 2/3 pack into HDF5 shards -> $OUT/packed"
+echo "== 2/4 pack into HDF5 shards -> $OUT/packed"
 status=0
 if command -v mpirun >/dev/null 2>&1; then
   mpirun -n 2 "$BIN/sslsky" pack --catalog "$OUT/mock/catalog.fits" --out "$OUT/packed" --shard-size 128 progress=false \
@@ -21,5 +26,11 @@ else
 fi
 if [ "$status" -ne 0 ] && [ "$status" -ne 3 ]; then exit "$status"; fi
 
-echo "== 3/3 read the shards back"
+echo "== 3/4 read the shards back"
 "$BIN/python" utils/inspect_shards.py "$OUT/packed"
+
+echo "== 4/4 MoCo v2 pretraining on CPU (a few minutes) -> $OUT/pretrain"
+rm -rf "$OUT/pretrain"  # a fresh run each time (a kept run dir would resume, not retrain)
+"$BIN/sslsky" pretrain --config config/pretrain_demo.yaml data.path="$OUT/packed" run_dir="$OUT/pretrain"
+"$BIN/python" utils/pretrain_summary.py "$OUT/pretrain"
+echo "demo: encoder at $OUT/pretrain/encoder.pt; TensorBoard: $BIN/tensorboard --logdir $OUT/pretrain/tensorboard"

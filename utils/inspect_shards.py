@@ -26,9 +26,11 @@ def main() -> None:
           f"shards {len(manifest['shards'])}  dtype {manifest.get('dtype')}")
     for key, value in manifest.get("counts", {}).items():
         print(f"  {key}: {value}")
-    stats = manifest.get("stats") or manifest.get("band_stats") or {}
-    for band, s in stats.items():
-        print(f"  band {band}: " + "  ".join(f"{k} {v:.4g}" for k, v in s.items() if isinstance(v, (int, float))))
+    stats = manifest.get("stats") or {}  # per-band lists: bands, median, sigma_mad, p01, p99
+    for i, band in enumerate(stats.get("bands", [])):
+        keys = [key for key in ("median", "sigma_mad", "p01", "p99") if key in stats]
+        values = "  ".join(f"{key} {stats[key][i]:.4g}" for key in keys)
+        print(f"  band {band}: {values} nmgy/pix")
 
     for split in ("train", "val", "test"):
         ds = ShardDataset(args.packed, split=split)

@@ -265,8 +265,12 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag) -> int:
     loader = DataLoader(train_set, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=cfg.data.num_workers > 0, generator=torch.Generator())
-    val_loader = DataLoader(val_set, batch_size=min(cfg.data.batch_size, max(2, len(val_set))), shuffle=False,
-                            num_workers=0, drop_last=False)
+    # Full validation batches only: the in-batch top-1 depends on the batch size (chance = 1 / batch).
+    val_loader = DataLoader(val_set, batch_size=max(1, min(cfg.data.batch_size, len(val_set))), shuffle=False,
+                            num_workers=0, drop_last=True, generator=torch.Generator())
+    val_every = cfg.val_every if len(val_set) >= 2 else 0
+    if cfg.val_every and not val_every and main:
+        print(f"pretrain: only {len(val_set)} validation image(s); no contrastive top-1 is measured", flush=True)
     net = model
     if world > 1:
         # Buffers (BN statistics, the queue) stay each rank's own during training: the queue is
@@ -305,6 +309,12 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag) -> int:
     # ---- the step loop -------------------------------------------------------------------------
     timers = dict.fromkeys(("data", "augment", "forward_backward", "optimizer", "sync"), 0.0)
     window_start, window_steps, stopped = time.perf_counter(), 0, False
+    if step == 0 and val_every and main:  # the untrained baseline of the accuracy curve
+        top1 = contrastive_top1(model, augment, val_loader, device, cfg.channels_last, cfg.data.val_batches, cfg.seed)
+        log.write({"step": 0, "val_top1": top1})
+        if bar is None:
+            print(f"pretrain: step 0 val contrastive top-1 {top1:.3f}", flush=True)
+    dist.barrier()
     model.train()
     while step < cfg.optim.total_steps and not stopped:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -355,7 +365,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag) -> int:
                            **{f"time_{k}": v / window_steps for k, v in timers.items()}})
                 timers = dict.fromkeys(timers, 0.0)
                 window_start, window_steps = time.perf_counter(), 0
-            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.optim.total_steps):
+            if val_every and (step % val_every == 0 or step == cfg.optim.total_steps):
                 if main:
                     top1 = contrastive_top1(model, augment, val_loader, device, cfg.channels_last,
                                             cfg.data.val_batches, cfg.seed)
