@@ -328,6 +328,11 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None, override
         raise
 
 
+def config_from_dict(schema: type[T], data: dict, where: str = "") -> T:
+    """A config from a plain dict (e.g. one saved in a checkpoint), validated like a file."""
+    return _build(schema, data, where)
+
+
 def config_to_dict(cfg: Any) -> dict:
     """A plain dict (YAML/JSON-ready) of a config dataclass."""
     return dataclasses.asdict(cfg)

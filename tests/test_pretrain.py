@@ -163,3 +163,23 @@ def test_diverging_loss_stops_with_a_message(packed_mock, tmp_path, capsys):
 def test_config_errors_name_the_key(packed_mock, tmp_path, capsys, override, message):
     assert main(tiny_pretrain_args(packed_mock, tmp_path / "run", override)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_export_and_checkpoint_load_for_evaluation(reference_run, packed_mock):
+    from sslsky.augment import AstroAugment
+    from sslsky.config import PretrainConfig, load_config
+    from sslsky.data.shards import ShardDataset
+    from sslsky.eval.encoders import load_encoder
+
+    export = load_encoder(reference_run / ENCODER_EXPORT)
+    ckpt = load_encoder(list_checkpoints(reference_run / "checkpoints")[-1])
+    assert (export.source, ckpt.source) == ("sslsky", "sslsky-checkpoint")
+    data = ShardDataset(packed_mock, split="val")
+    images = torch.stack([data[i]["image"] for i in range(4)])
+    # The eval view is the training pipeline's own eval_view (crop 32, asinh with the manifest statistics).
+    cfg = load_config(PretrainConfig, reference_run / "config.yaml")
+    stats = data.attrs["stats"]
+    augment = AstroAugment("sdss", cfg.augment, median=stats["median"], sigma=stats["sigma_mad"])
+    torch.testing.assert_close(export.transform(images), augment.eval_view(images), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(export.encoder(export.transform(images)), ckpt.encoder(ckpt.transform(images)))

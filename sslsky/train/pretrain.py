@@ -304,6 +304,8 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag) -> int:
             "rng": {"torch": torch.get_rng_state(), "augment": gathered_rng,
                     **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
             "config": config_to_dict(cfg),
+            "data_info": {"survey": survey.name, "bands": list(train_set.attrs.get("bands") or survey.bands),
+                          "stats": train_set.attrs.get("stats") or {}},
         }, run_dir / "checkpoints" / CHECKPOINT_PATTERN.format(step=step), keep=cfg.keep_checkpoints)
 
     # ---- the step loop -------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Evaluation: encoders from checkpoints, photo-z, morphology, label-fraction sweeps, similarity search."""
