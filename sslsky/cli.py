@@ -41,6 +41,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 4
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from sslsky.config import SweepConfig
+
+    cfg = load_config(SweepConfig, args.config, args.overrides)
+    from sslsky.eval.sweep import run_sweep
+
+    return run_sweep(cfg, collect_only=args.collect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslsky", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "2 config error, 4 the loss diverged (NaN/inf)")
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sweep", help="label-fraction study: protocol x label fraction x seed as submitit job "
+                                     "arrays on SLURM (else locally), then results.csv and label-efficiency plots",
+                       epilog="exit status: 0 every cell has its metrics, 1 some failed or are missing "
+                              "(listed; re-run to retry only those), 2 config error")
+    p.add_argument("--collect", action="store_true", help="only gather the finished cells into CSV and plots")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -180,7 +180,40 @@ class PretrainConfig:
     debug_step_sleep: float = 0.0  # seconds to sleep after each step (tests of preemption and resume)
 
 
-SCHEMAS: dict[str, type] = {"mock": MockConfig, "pack": PackConfig, "pretrain": PretrainConfig}
+@dataclasses.dataclass
+class SweepSlurmConfig:
+    """Resources of each array task on a SLURM cluster (no site defaults: set them for yours)."""
+
+    partition: str = ""  # empty: the cluster's default partition
+    gpus_per_task: int = 0
+    cpus_per_task: int = 4
+    mem_gb: float = 0.0  # 0: the partition's default
+    time_min: int = 120  # per task; a task that times out is requeued and resumes
+    array_parallelism: int = 64  # tasks of the array running at once
+    account: str = ""
+    additional: dict = dataclasses.field(default_factory=dict)  # extra sbatch options, e.g. {constraint: gpu80}
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """``sslsky sweep``: label-fraction study = task x protocol x label fraction x seed, as job arrays."""
+
+    ckpt: str = ""  # the pretrained encoder (encoder.pt) the linear/finetune/knn protocols start from
+    data_path: str = ""  # packed shards
+    out: str = "runs/sweep"  # OUT/<task>/<protocol>/frac<f>/seed<s>/ per task, OUT/results.csv, OUT/*.png
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["specz", "morph"])
+    protocols: list[str] = dataclasses.field(default_factory=lambda: ["linear", "finetune", "scratch"])
+    label_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    specz_config: str = "config/eval_specz.yaml"  # base config of each photo-z task
+    morph_config: str = "config/eval_morph.yaml"  # base config of each morphology task
+    overrides: list[str] = dataclasses.field(default_factory=list)  # key=value applied to every task config
+    executor: str = "auto"  # auto: slurm when sbatch is found, else local | slurm | local
+    wait: bool = True  # wait for the array and collect; false: submit, print the job id and return
+    slurm: SweepSlurmConfig = dataclasses.field(default_factory=SweepSlurmConfig)
+
+
+SCHEMAS: dict[str, type] = {"mock": MockConfig, "pack": PackConfig, "pretrain": PretrainConfig, "sweep": SweepConfig}
 
 
 # ---------------------------------------------------------------------------

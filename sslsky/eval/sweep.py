@@ -1,0 +1,269 @@
+"""``sslsky sweep``: label-fraction studies as submitit job arrays, then one CSV and label-efficiency plots.
+
+The grid is task (specz, morph) x protocol (linear, finetune, scratch; knn for morph) x label fraction
+x seed. Each cell is one call of :func:`sslsky.eval.photoz.run_specz` or
+:func:`sslsky.eval.morphology.run_morph` with the task's base config plus the cell's overrides, writing
+``OUT/<task>/<protocol>/frac<f>/seed<s>/metrics.json``. Cells whose metrics exist are not submitted
+again, and the task functions themselves return existing results, so a sweep can be re-run after a
+failure or with more seeds at no cost for what is done.
+
+On a SLURM cluster (``executor: auto`` finds ``sbatch``) the cells go out as one job array with the
+resources of ``slurm.*``; a task that reaches its time limit is requeued by submitit
+(:meth:`SweepTask.checkpoint`) and starts again. Without SLURM the same cells run one after the other
+in this process. ``collect`` (at the end, or ``sslsky sweep ... --collect``) reads every
+``metrics.json`` into ``OUT/results.csv`` and draws ``OUT/label_efficiency_<task>.png``: the metric
+against the number of training labels, one line per protocol (mean over seeds, the band their range).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from sslsky.config import ConfigError, SweepConfig
+
+#: Task name -> (module, function, schema name in sslsky.config, base-config field of SweepConfig).
+TASKS = {
+    "specz": ("sslsky.eval.photoz", "run_specz", "EvalSpeczConfig", "specz_config"),
+    "morph": ("sslsky.eval.morphology", "run_morph", "EvalMorphConfig", "morph_config"),
+}
+PROTOCOLS = {"specz": ("linear", "finetune", "scratch"), "morph": ("linear", "finetune", "scratch", "knn")}
+#: Metric drawn in the label-efficiency plot of each task, and whether lower is better.
+HEADLINE = {"specz": ("sigma_mad", True), "morph": ("accuracy", False)}
+METRICS_NAME = "metrics.json"
+RESULTS_NAME = "results.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One task of the sweep."""
+
+    task: str
+    protocol: str
+    label_fraction: float
+    seed: int
+
+    def folder(self, out: Path) -> Path:
+        return out / self.task / self.protocol / f"frac{self.label_fraction:g}" / f"seed{self.seed}"
+
+
+def cells(cfg: SweepConfig) -> list[Cell]:
+    """The grid, checked: unknown tasks or protocols, fractions outside (0, 1] are config errors."""
+    for task in cfg.tasks:
+        if task not in TASKS:
+            raise ConfigError(f"sweep task {task!r}: choose from {', '.join(TASKS)}")
+    for fraction in cfg.label_fractions:
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"label fraction {fraction} must lie in (0, 1]")
+    out = []
+    for task, protocol, fraction, seed in itertools.product(cfg.tasks, cfg.protocols, cfg.label_fractions,
+                                                            cfg.seeds):
+        if protocol not in PROTOCOLS[task]:
+            if protocol == "knn":
+                continue  # kNN is a morphology protocol; photo-z skips it
+            raise ConfigError(f"protocol {protocol!r} for task {task}: choose from {', '.join(PROTOCOLS[task])}")
+        out.append(Cell(task, protocol, float(fraction), int(seed)))
+    if not out:
+        raise ConfigError("the sweep grid is empty: check tasks, protocols, label_fractions and seeds")
+    return out
+
+
+def task_overrides(cfg: SweepConfig, cell: Cell, out: Path) -> list[str]:
+    ckpt = "" if cell.protocol == "scratch" else cfg.ckpt
+    return [*cfg.overrides, f"protocol={cell.protocol}", f"label_fraction={cell.label_fraction}",
+            f"seed={cell.seed}", f"out={cell.folder(out)}", f"ckpt={ckpt}", f"data.path={cfg.data_path}"]
+
+
+class SweepTask:
+    """What one array task runs (picklable); submitit calls :meth:`checkpoint` at a timeout and requeues."""
+
+    def __init__(self, task: str, base_config: str, overrides: list[str]):
+        self.task, self.base_config, self.overrides = task, base_config, overrides
+
+    def __call__(self) -> dict:
+        import importlib
+
+        from sslsky import config as config_module
+        from sslsky.config import load_config
+
+        module, function, schema, _ = TASKS[self.task]
+        cfg = load_config(getattr(config_module, schema), self.base_config or None, self.overrides)
+        return getattr(importlib.import_module(module), function)(cfg)
+
+    def checkpoint(self, *args, **kwargs):
+        """Requeue the same task: finished cells are skipped by the task itself."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(SweepTask(self.task, self.base_config, self.overrides))
+
+
+def pending(cfg: SweepConfig, out: Path) -> tuple[list[Cell], list[Cell]]:
+    """(cells to run, cells already done)."""
+    todo, done = [], []
+    for cell in cells(cfg):
+        (done if (cell.folder(out) / METRICS_NAME).exists() else todo).append(cell)
+    return todo, done
+
+
+def make_task(cfg: SweepConfig, cell: Cell, out: Path) -> SweepTask:
+    base = getattr(cfg, TASKS[cell.task][3])
+    if base and not Path(base).is_file():
+        raise ConfigError(f"{TASKS[cell.task][3]}={base!r} does not exist")
+    return SweepTask(cell.task, base, task_overrides(cfg, cell, out))
+
+
+def use_slurm(cfg: SweepConfig) -> bool:
+    if cfg.executor not in ("auto", "slurm", "local"):
+        raise ConfigError(f"executor={cfg.executor!r}: choose auto, slurm or local")
+    if cfg.executor == "slurm" and shutil.which("sbatch") is None:
+        raise ConfigError("executor=slurm but sbatch is not on PATH; use executor=local or auto")
+    return cfg.executor == "slurm" or (cfg.executor == "auto" and shutil.which("sbatch") is not None)
+
+
+def submit_slurm(cfg: SweepConfig, tasks: list[SweepTask], out: Path) -> list:
+    """One job array of ``tasks``; returns the submitit jobs."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=out / "submitit" / "%j", cluster="slurm")
+    slurm = cfg.slurm
+    params = {"name": "sslsky-sweep", "timeout_min": slurm.time_min, "cpus_per_task": slurm.cpus_per_task,
+              "slurm_array_parallelism": slurm.array_parallelism, "tasks_per_node": 1, "nodes": 1}
+    if slurm.gpus_per_task:
+        params["gpus_per_node"] = slurm.gpus_per_task
+    if slurm.mem_gb:
+        params["mem_gb"] = slurm.mem_gb
+    if slurm.partition:
+        params["slurm_partition"] = slurm.partition
+    if slurm.account:
+        params["slurm_account"] = slurm.account
+    if slurm.additional:
+        params["slurm_additional_parameters"] = dict(slurm.additional)
+    executor.update_parameters(**params)
+    with executor.batch():
+        jobs = [executor.submit(task) for task in tasks]
+    return jobs
+
+
+def run_sweep(cfg: SweepConfig, collect_only: bool = False) -> int:
+    """Run (or submit) the missing cells, then collect; 0 when every cell has its metrics."""
+    if not collect_only:
+        if not cfg.data_path:
+            raise ConfigError("data_path is empty: point it at packed shards")
+        if not cfg.ckpt and any(c.protocol != "scratch" for c in cells(cfg)):
+            raise ConfigError("ckpt is empty but protocols other than scratch need a pretrained encoder")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from sslsky.config import write_config
+
+    write_config(cfg, out / "sweep_config.yaml")
+    todo, done = pending(cfg, out)
+    failed: list[tuple[Cell, str]] = []
+    if not collect_only and todo:
+        tasks = [make_task(cfg, cell, out) for cell in todo]
+        print(f"sweep: {len(todo)} task(s) to run, {len(done)} already done -> {out}", flush=True)
+        if use_slurm(cfg):
+            jobs = submit_slurm(cfg, tasks, out)
+            print(f"sweep: submitted job array {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks)", flush=True)
+            if not cfg.wait:
+                print(f"sweep: collect later with `sslsky sweep --config ... out={out} --collect`", flush=True)
+                return 0
+            for cell, job in zip(todo, jobs):
+                try:
+                    job.result()
+                except Exception as err:  # noqa: BLE001 (submitit re-raises the task's own error)
+                    failed.append((cell, f"job {job.job_id}: {str(err).strip().splitlines()[-1]}"))
+        else:
+            for i, (cell, task) in enumerate(zip(todo, tasks), 1):
+                print(f"sweep: [{i}/{len(todo)}] {cell.task} {cell.protocol} fraction {cell.label_fraction:g} "
+                      f"seed {cell.seed}", flush=True)
+                try:
+                    task()
+                except ConfigError:
+                    raise
+                except Exception as err:  # noqa: BLE001 (one failed cell must not lose the others)
+                    failed.append((cell, f"{type(err).__name__}: {err}"))
+    rows = collect(out)
+    missing = [c for c in cells(cfg) if not (c.folder(out) / METRICS_NAME).exists()] if not collect_only else []
+    for cell, reason in failed:
+        print(f"sweep: FAILED {cell.task} {cell.protocol} fraction {cell.label_fraction:g} seed {cell.seed}: {reason}",
+              file=sys.stderr, flush=True)
+    print(f"sweep: {len(rows)} result(s) in {out / RESULTS_NAME}", flush=True)
+    return 1 if (failed or missing) else 0
+
+
+def collect(out: Path) -> list[dict]:
+    """Every ``metrics.json`` under ``out`` into ``results.csv`` (atomic) and one plot per task."""
+    rows = []
+    for path in sorted(out.glob(f"*/*/frac*/seed*/{METRICS_NAME}")):
+        task = path.relative_to(out).parts[0]
+        metrics = json.loads(path.read_text())
+        row = {"task": task}
+        for key, value in metrics.items():
+            if isinstance(value, (int, float, str, bool)) or value is None:
+                row[key] = value
+        rows.append(row)
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = out / f".{RESULTS_NAME}.tmp{os.getpid()}"
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, out / RESULTS_NAME)
+    for task in sorted({row["task"] for row in rows}):
+        plot_label_efficiency([r for r in rows if r["task"] == task], task, out / f"label_efficiency_{task}.png")
+    return rows
+
+
+def summarize(rows: list[dict], metric: str) -> dict[str, list[tuple[int, float, float, float]]]:
+    """protocol -> [(n_labels, mean, min, max) of ``metric`` over seeds], sorted by n_labels."""
+    groups: dict[tuple[str, float], list[tuple[int, float]]] = {}
+    for row in rows:
+        if row.get(metric) is None:
+            continue
+        groups.setdefault((row["protocol"], float(row["label_fraction"])), []).append(
+            (int(row["n_train_labels"]), float(row[metric])))
+    out: dict[str, list[tuple[int, float, float, float]]] = {}
+    for (protocol, _), values in sorted(groups.items()):
+        n = round(sum(v[0] for v in values) / len(values))
+        metric_values = [v[1] for v in values]
+        out.setdefault(protocol, []).append((n, sum(metric_values) / len(metric_values), min(metric_values),
+                                             max(metric_values)))
+    for series in out.values():
+        series.sort()
+    return out
+
+
+def plot_label_efficiency(rows: list[dict], task: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, lower_better = HEADLINE[task]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for protocol, series in summarize(rows, metric).items():
+        n, mean, low, high = (list(v) for v in zip(*series))
+        ax.plot(n, mean, marker="o", label=protocol)
+        ax.fill_between(n, low, high, alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("training labels")
+    ax.set_ylabel(metric + (" (lower is better)" if lower_better else ""))
+    ax.set_title(f"label efficiency: {task}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
