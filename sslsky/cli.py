@@ -50,6 +50,38 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return run_sweep(cfg, collect_only=args.collect)
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from sslsky.config import EmbedConfig
+
+    cfg = load_config(EmbedConfig, args.config, args.overrides, ckpt=args.ckpt, data=args.data, out=args.out)
+    from sslsky.eval.encoders import CheckpointError
+    from sslsky.eval.similarity import run_embed
+
+    try:
+        return run_embed(cfg)
+    except (CheckpointError, FileNotFoundError, KeyError) as err:
+        print(f"sslsky embed: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as err:  # a rank failed; every rank reports it
+        print(f"sslsky embed: {err}", file=sys.stderr, flush=True)
+        return 1
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from sslsky.config import SearchConfig
+
+    cfg = load_config(SearchConfig, args.config, args.overrides, embeddings=args.embeddings, query=args.query,
+                      k=args.k, data=args.data, png=args.png, chunk_size=args.chunk_size, index=args.index,
+                      evaluate=args.evaluate or None)
+    from sslsky.eval.similarity import EmbeddingsError, run_search
+
+    try:
+        return run_search(cfg)
+    except EmbeddingsError as err:
+        print(f"sslsky search: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslsky", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +118,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collect", action="store_true", help="only gather the finished cells into CSV and plots")
     _add_config_args(p)
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("embed", help="L2-normalised encoder features of packed shards -> HDF5 (batched; one rank "
+                                     "per GPU under torchrun or srun, rank 0 merges the parts)",
+                       epilog="exit status: 0 written, 1 a rank failed, 2 config, checkpoint or data error")
+    p.add_argument("--ckpt", help="encoder: sslsky encoder.pt / checkpoint, MoCo or ssl-sky-surveys checkpoint")
+    p.add_argument("--data", help="packed shards (folder with manifest.json) or one HDF5 file")
+    p.add_argument("--out", help="output HDF5: embeddings (N, F), object_id, z, ebv, morph_class, index")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("search", help="nearest neighbours by cosine similarity in an embeddings file: printed, "
+                                      "optionally a PNG grid of colour composites; --evaluate for retrieval quality",
+                       epilog="Search is exact by default: the database is read in chunks of chunk_size rows with a "
+                              "running top-k, so memory stays bounded for any N. index=faiss uses an approximate "
+                              "HNSW index instead, only if the optional faiss package is installed (pip install "
+                              "faiss-cpu); it is not a dependency. exit status: 0 done, 2 config error or unknown "
+                              "object_id")
+    p.add_argument("--embeddings", help="file written by sslsky embed")
+    p.add_argument("--query", type=int, metavar="OBJECT_ID", help="object_id whose neighbours to find")
+    p.add_argument("--k", type=int, help="number of neighbours (default 10)")
+    p.add_argument("--data", help="shards to read the images for --png (default: those that were embedded)")
+    p.add_argument("--png", help="write a grid of the query and its neighbours (Lupton et al. 2004 RGB) here")
+    p.add_argument("--chunk-size", type=int, help="database rows per similarity block (bounds memory)")
+    p.add_argument("--index", choices=["exact", "faiss"], help="exact chunked search (default) or FAISS HNSW "
+                                                                  "(approximate; optional package)")
+    p.add_argument("--evaluate", action="store_true", help="fraction of neighbours sharing the query's class and "
+                                                           "median |dz|/(1+z), vs random neighbours, over all "
+                                                           "labelled rows")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_search)
+
     return parser
 
 

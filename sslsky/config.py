@@ -213,7 +213,53 @@ class SweepConfig:
     slurm: SweepSlurmConfig = dataclasses.field(default_factory=SweepSlurmConfig)
 
 
+@dataclasses.dataclass
+class EmbedConfig:
+    """``sslsky embed``: L2-normalised encoder features of packed shards (one process, or torchrun/srun ranks)."""
+
+    ckpt: str = ""  # encoder: sslsky encoder.pt or checkpoint, MoCo or ssl-sky-surveys checkpoint
+    data: str = ""  # packed folder (manifest.json + shard-*.h5) or one HDF5 file
+    out: str = "embeddings.h5"  # written to a temporary name, then renamed
+    split: str = ""  # empty: every row | train | val | test
+    survey: str = ""  # sdss | decals, for checkpoints that do not say (crop size, normalisation)
+    stem: str = ""  # stem of a foreign checkpoint; empty: hayat
+    batch_size: int = 256  # per rank
+    num_workers: int = 4  # DataLoader workers per rank
+    device: str = "auto"  # auto (cuda if available) | cuda | cpu
+    amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none
+    channels_last: bool = True  # NHWC on GPU (no effect on CPU)
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclasses.dataclass
+class SearchConfig:
+    """``sslsky search``: exact chunked cosine top-k over an embeddings file, PNG grid, retrieval quality."""
+
+    embeddings: str = ""  # file written by sslsky embed
+    query: int | None = None  # object_id to find neighbours of
+    k: int = 10  # neighbours (the query itself excluded)
+    chunk_size: int = 65536  # database rows per block: memory ~ chunk_size x (F + queries) x 4 bytes, never N x N
+    query_batch: int = 256  # queries per block in the evaluation
+    cache_mb: float = 2048.0  # read the embeddings into memory when they take at most this; else stream from disk
+    index: str = "exact"  # exact (chunked, default) | faiss (approximate HNSW; needs the optional faiss package)
+    faiss_m: int = 32  # HNSW graph degree
+    faiss_ef_search: int = 128  # HNSW search breadth (higher: better recall, slower)
+    device: str = "cpu"  # cpu | cuda | auto: where the similarity blocks are computed
+    data: str = ""  # shards for the PNG images; empty: the shards the embeddings came from
+    png: str = ""  # write a grid of the query and its neighbours here
+    grid_columns: int = 6
+    rgb_bands: str = ""  # bands shown as R, G, B; empty: irg for SDSS, zrg for DECaLS
+    rgb_stretch: float = 0.5  # Lupton et al. 2004 asinh: linear range in nanomaggies
+    rgb_q: float = 10.0  # asinh softening parameter Q
+    evaluate: bool = False  # retrieval quality over all labelled rows against random neighbours
+    eval_queries: int = 0  # 0: every labelled row is a query; N: a seeded random sample of N
+    eval_json: str = ""  # also write the evaluation as JSON here
+    seed: int = 0  # random neighbours (chance baseline) and the query sample
+    progress: bool = False  # tqdm bar over the evaluation's query blocks
+
+
 SCHEMAS: dict[str, type] = {"mock": MockConfig, "pack": PackConfig, "pretrain": PretrainConfig, "sweep": SweepConfig}
+SCHEMAS.update({"embed": EmbedConfig, "search": SearchConfig})
 
 
 # ---------------------------------------------------------------------------
