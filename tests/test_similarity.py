@@ -47,8 +47,8 @@ def test_chunked_topk_equals_argsort_with_ties(chunk_size):
     database = rng.integers(-2, 3, size=(101, 6)).astype(np.float32)
     queries = database[[0, 5, 50, 100]]
     exclude = np.array([0, 5, 50, 100])
-    for k, excl in [(5, None), (5, exclude), (12, exclude), (100, exclude)]:
-        scores, rows = topk_cosine(queries, database, k, chunk_size=chunk_size, exclude=excl)
+    for k, excl, query_batch in [(5, None, 1024), (5, exclude, 3), (12, exclude, 1), (100, exclude, 4)]:
+        scores, rows = topk_cosine(queries, database, k, chunk_size=chunk_size, exclude=excl, query_batch=query_batch)
         ref_scores, ref_rows = brute_force_topk(queries, database, k, excl)
         np.testing.assert_array_equal(rows, ref_rows, err_msg=f"k={k}, exclude={excl is not None}")
         np.testing.assert_array_equal(scores, ref_scores)

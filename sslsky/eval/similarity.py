@@ -51,6 +51,7 @@ RGB_BANDS = {"sdss": "irg", "decals": "zrg"}
 PANEL_DPI = 100
 PANEL_INCHES = (1.8, 2.2)
 _CHUNK_BYTES = 4 << 20  # target HDF5 chunk of the embeddings dataset
+_QUERY_BLOCK_BYTES = 256 << 20  # query vectors held per pass over the database in the evaluation
 
 
 class EmbeddingsError(ValueError):
@@ -88,16 +89,17 @@ def _chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None,
+def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None, query_batch: int = 1024,
                 device: str | torch.device = "cpu", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` inner products of ``queries`` against ``database``, chunk by chunk.
 
-    For L2-normalised vectors the inner product is the cosine similarity.
+    For L2-normalised vectors the inner product is the cosine similarity. The database is read once,
+    whatever the number of queries; each chunk is scored against ``query_batch`` queries at a time.
+    Memory: ``chunk_size x F`` database floats, ``query_batch x chunk_size`` scores, ``Q x k`` results.
 
     Args:
         queries: ``(Q, F)`` array.
-        database: ``(N, F)`` anything sliceable by rows (NumPy array, ``h5py`` dataset); only
-            ``chunk_size`` rows are in memory at a time.
+        database: ``(N, F)`` anything sliceable by rows (NumPy array, ``h5py`` dataset).
         exclude: optional ``(Q,)`` database row to leave out for each query (the query itself).
     Returns:
         ``(scores, rows)``, each ``(Q, k)``: float32 similarities in descending order and the int64
@@ -105,8 +107,8 @@ def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None
     """
     queries = torch.as_tensor(np.asarray(queries, dtype=np.float32), device=device)
     n, n_query = int(database.shape[0]), queries.shape[0]
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    if chunk_size < 1 or query_batch < 1:
+        raise ValueError(f"chunk_size={chunk_size} and query_batch={query_batch} must be >= 1")
     available = n - (1 if exclude is not None else 0)
     if not 1 <= k <= available:
         raise ValueError(f"k={k} must be in [1, {available}] for a database of {n} rows"
@@ -114,22 +116,27 @@ def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None
     if database.shape[1] != queries.shape[1]:
         raise ValueError(f"queries have {queries.shape[1]} features, the database {database.shape[1]}")
     excluded = None if exclude is None else torch.as_tensor(np.asarray(exclude, dtype=np.int64), device=device)
-    best = torch.empty(n_query, 0, device=device), torch.empty(n_query, 0, dtype=torch.int64, device=device)
+    batches = [slice(q, q + query_batch) for q in range(0, n_query, query_batch)]
+    best = [(torch.empty(len(range(n_query)[b]), 0, device=device),
+             torch.empty(len(range(n_query)[b]), 0, dtype=torch.int64, device=device)) for b in batches]
     starts = range(0, n, chunk_size)
     if progress:
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="search", unit="chunk", dynamic_ncols=True)
     for start in starts:
-        block = np.asarray(database[start:start + chunk_size], dtype=np.float32)  # (c, F)
-        scores = queries @ torch.from_numpy(block).to(device).T  # (Q, c)
-        if excluded is not None:
-            local = excluded - start
-            hit = ((local >= 0) & (local < block.shape[0])).nonzero().squeeze(1)
-            scores[hit, local[hit]] = -math.inf
-        values, cols = _chunk_topk(scores, k)
-        best = _sorted_by_score(torch.cat([best[0], values], 1), torch.cat([best[1], cols + start], 1), k)
-    return best[0].cpu().numpy(), best[1].cpu().numpy()
+        block = torch.from_numpy(np.asarray(database[start:start + chunk_size], dtype=np.float32)).to(device)  # (c, F)
+        for b, batch in enumerate(batches):
+            scores = queries[batch] @ block.T  # (q, c)
+            if excluded is not None:
+                local = excluded[batch] - start
+                hit = ((local >= 0) & (local < block.shape[0])).nonzero().squeeze(1)
+                scores[hit, local[hit]] = -math.inf
+            values, cols = _chunk_topk(scores, k)
+            best[b] = _sorted_by_score(torch.cat([best[b][0], values], 1), torch.cat([best[b][1], cols + start], 1), k)
+    if not best:
+        return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+    return torch.cat([s for s, _ in best]).cpu().numpy(), torch.cat([r for _, r in best]).cpu().numpy()
 
 
 def topk_faiss(queries, database, k: int, exclude=None, hnsw_m: int = 32, ef_search: int = 128,
@@ -445,16 +452,18 @@ def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, qu
         queries = np.sort(rng.choice(queries, max_queries, replace=False))
     neighbours = np.empty((queries.size, k), dtype=np.int64)
     similarity = np.empty((queries.size, k), dtype=np.float32)
-    starts = range(0, queries.size, query_batch)
+    block = max(query_batch, _QUERY_BLOCK_BYTES // (4 * emb.feature_dim))  # queries per pass over the database
+    starts = range(0, queries.size, block)
     if progress:
         from tqdm import tqdm
 
-        starts = tqdm(starts, desc="evaluate", unit="batch", dynamic_ncols=True)
+        starts = tqdm(starts, desc="evaluate", unit="pass", dynamic_ncols=True)
     for start in starts:
-        q = queries[start:start + query_batch]
-        vectors = emb.vectors[np.sort(q)] if isinstance(emb.vectors, h5py.Dataset) else emb.vectors[q]
+        q = queries[start:start + block]  # increasing rows
+        contiguous = q[-1] - q[0] + 1 == q.size
+        vectors = emb.vectors[q[0]:q[-1] + 1] if contiguous else emb.vectors[q]  # (q, F)
         similarity[start:start + q.size], neighbours[start:start + q.size] = topk_cosine(
-            vectors, emb.vectors, k, chunk_size, exclude=q, device=device)
+            vectors, emb.vectors, k, chunk_size, exclude=q, query_batch=query_batch, device=device)
     random_rows = rng.integers(0, len(emb) - 1, size=(queries.size, k))
     random_rows += random_rows >= queries[:, None]  # skip the query itself
     from sslsky.data.votes import MORPH_CLASSES
