@@ -59,7 +59,7 @@ def run_cli(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Po
 def reference_run(packed_mock, tmp_path_factory) -> Path:
     """An uninterrupted tiny run (in this process)."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    assert main(tiny_pretrain_args(packed_mock, run_dir)) == 0
+    assert main(tiny_pretrain_args(packed_mock, run_dir, "tensorboard=true")) == 0
     return run_dir
 
 
@@ -77,6 +77,13 @@ def test_run_logs_validates_checkpoints_and_exports(reference_run, packed_mock):
     val = [r for r in records if "val_top1" in r]
     assert [r["step"] for r in val] == [0, 8, 16] and all(0 <= r["val_top1"] <= 1 for r in val)
     assert (reference_run / "config.yaml").is_file() and "pretrain" in (reference_run / "command.txt").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(reference_run / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("loss")  # the same numbers as metrics.jsonl
+    assert [e.step for e in scalars] == [r["step"] for r in train]
+    assert [e.value for e in scalars] == pytest.approx([r["loss"] for r in train], rel=1e-6)
 
     state = final_state(reference_run)
     assert state["step"] == TOTAL_STEPS
