@@ -371,10 +371,18 @@ def _embed(cfg: EmbedConfig) -> int:
     errors = [e for e, _ in reports if e]
     if errors:
         part.unlink(missing_ok=True)
-        raise RuntimeError("sslsky embed failed on " + "; ".join(errors))
+        raise RuntimeError("failed on " + "; ".join(errors))
+    merge_error = None
     if rank == 0:
-        merge_parts([part_path(out, r, world) for r in range(world)], out, meta)
-    dist.barrier()  # the file exists when any rank returns
+        try:
+            merge_parts([part_path(out, r, world) for r in range(world)], out, meta)
+        except Exception as err:  # noqa: BLE001 (every rank learns of it below)
+            if world == 1:
+                raise
+            merge_error = f"rank 0 merging the parts into {out}: {type(err).__name__}: {err}"
+    merge_error = dist.all_gather_object(merge_error)[0]  # the file exists when any rank returns
+    if merge_error:
+        raise RuntimeError(f"failed on {merge_error}")
     if rank == 0:
         zeros = sum(z for _, z in reports)
         seconds = time.perf_counter() - loop_started
