@@ -82,6 +82,26 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_eval_specz(args: argparse.Namespace) -> int:
+    from sslsky.config import EvalSpeczConfig
+
+    cfg = load_config(EvalSpeczConfig, args.config, args.overrides)
+    from sslsky.eval.photoz import run_specz
+
+    run_specz(cfg)
+    return 0
+
+
+def cmd_eval_morph(args: argparse.Namespace) -> int:
+    from sslsky.config import EvalMorphConfig
+
+    cfg = load_config(EvalMorphConfig, args.config, args.overrides)
+    from sslsky.eval.morphology import run_morph
+
+    run_morph(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslsky", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,7 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "labelled rows")
     _add_config_args(p)
     p.set_defaults(func=cmd_search)
+    p = sub.add_parser("eval-specz", help="photo-z from images: redshift bins (linear / finetune / scratch), "
+                                          "metrics.json, predictions.h5 with PDFs, plots (= python eval_specz.py)",
+                       epilog="exit status: 0 done (or already done for this config), 2 config, checkpoint or data "
+                              "error")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_eval_specz)
 
+    p = sub.add_parser("eval-morph", help="morphology classes from images (linear / finetune / scratch / knn): "
+                                          "metrics.json, predictions.h5, confusion-matrix plot",
+                       epilog="exit status: 0 done (or already done for this config), 2 config, checkpoint or data "
+                              "error")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_eval_morph)
     return parser
 
 

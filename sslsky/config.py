@@ -181,6 +181,87 @@ class PretrainConfig:
 
 
 @dataclasses.dataclass
+class EvalDataConfig:
+    """Packed shards for supervised evaluation: ShardDataset train (labelled subset) / val / test splits."""
+
+    path: str = ""  # packed folder (manifest.json + shard-*.h5) or one ssl-sky-surveys HDF5 file
+    survey: str = ""  # sdss | decals; empty: from the checkpoint, else the manifest
+    batch_size: int = 64
+    num_workers: int = 2  # DataLoader workers (0: read in the main process)
+
+
+@dataclasses.dataclass
+class FinetuneOptimConfig:
+    """AdamW with cosine decay over the epochs; early stopping on the val split (best epoch's weights kept)."""
+
+    lr: float = 1e-3  # head lr; scratch trains the whole network at this lr
+    encoder_lr_factor: float = 0.1  # finetune: pretrained encoder lr = lr x this
+    weight_decay: float = 1e-4
+    epochs: int = 30  # at most this many passes over the labelled train rows
+    patience: int = 5  # stop after this many epochs without a better val score (photo-z CRPS, else loss); 0: never
+
+
+@dataclasses.dataclass
+class HeadConfig:
+    """Supervised head on the encoder features (``sslsky.models.heads.build_head``)."""
+
+    kind: str = "linear"  # linear | mlp
+    hidden: int = 512  # MLP hidden width
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass
+class KnnConfig:
+    """kNN classifier on frozen, L2-normalised features (morphology protocol ``knn``)."""
+
+    k: int = 15  # neighbours from the labelled train rows
+    weighted: bool = False  # false: majority vote (ties -> larger summed cosine); true: votes exp(cos / 0.07)
+
+
+@dataclasses.dataclass
+class SupervisedEvalConfig:
+    """Fields shared by ``eval-specz`` and ``eval-morph`` (``sslsky.train.finetune``)."""
+
+    ckpt: str = ""  # pretrained encoder (encoder.pt, step-*.pt, MoCo, ssl-sky-surveys); '' only for scratch
+    protocol: str = "finetune"  # linear (frozen encoder) | finetune (whole net) | scratch (random init)
+    label_fraction: float = 1.0  # fraction of the labelled train rows used (nested subsets per seed)
+    seed: int = 0  # label subset, initialisation, data order, augmentation
+    out: str = "runs/eval"  # metrics.json, config.yaml, predictions.h5, plots/
+    data: EvalDataConfig = dataclasses.field(default_factory=EvalDataConfig)
+    optim: FinetuneOptimConfig = dataclasses.field(default_factory=FinetuneOptimConfig)
+    head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
+    use_ebv: bool = False  # concatenate the catalog E(B-V) to the features (Pasquet et al. 2019)
+    augment: bool = True  # finetune/scratch: random flips, rot90 and reddening of the training images
+    ckpt_stem: str = ""  # stem of a foreign (MoCo, ssl-sky-surveys) checkpoint; empty: hayat
+    arch: str = "resnet50"  # scratch without ckpt: resnet18 | resnet34 | resnet50 (with ckpt: the ckpt's)
+    stem: str = "hayat"  # scratch without ckpt: hayat | imagenet
+    crop_size: int = 0  # scratch without ckpt: centred crop; 0: the survey's (64 SDSS, 96 DECaLS)
+    device: str = "auto"  # auto (cuda if available) | cuda | cpu
+    amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | none
+    plots: bool = True
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class EvalSpeczConfig(SupervisedEvalConfig):
+    """``eval_specz.py`` / ``sslsky eval-specz``: photo-z as classification over redshift bins."""
+
+    out: str = "runs/eval_specz"
+    use_ebv: bool = True
+    n_bins: int = 180  # redshift bins on [z_min, z_max) (Pasquet et al. 2019)
+    z_min: float = 0.0
+    z_max: float = 0.4
+
+
+@dataclasses.dataclass
+class EvalMorphConfig(SupervisedEvalConfig):
+    """``sslsky eval-morph``: morphology classes from the catalog's ``morph_class``."""
+
+    out: str = "runs/eval_morph"
+    knn: KnnConfig = dataclasses.field(default_factory=KnnConfig)
+
+
+@dataclasses.dataclass
 class SweepSlurmConfig:
     """Resources of each array task on a SLURM cluster (no site defaults: set them for yours)."""
 
@@ -258,7 +339,8 @@ class SearchConfig:
     progress: bool = False  # tqdm bar over the evaluation's query blocks
 
 
-SCHEMAS: dict[str, type] = {"mock": MockConfig, "pack": PackConfig, "pretrain": PretrainConfig, "sweep": SweepConfig}
+SCHEMAS: dict[str, type] = {"mock": MockConfig, "pack": PackConfig, "pretrain": PretrainConfig, "sweep": SweepConfig,
+                           "eval-specz": EvalSpeczConfig, "eval-morph": EvalMorphConfig}
 SCHEMAS.update({"embed": EmbedConfig, "search": SearchConfig})
 
 

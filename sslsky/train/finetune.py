@@ -1,0 +1,674 @@
+"""One supervised loop for the photo-z and morphology evaluations: linear probe, fine-tuning, from scratch.
+
+Protocols (``cfg.protocol``):
+
+- ``linear``: the pretrained encoder is frozen (eval mode, so BatchNorm uses its running statistics);
+  features of the train / val / test rows are computed once, then only the head is trained.
+- ``finetune``: the whole network is trained from the pretrained weights; the encoder's learning rate is
+  ``optim.lr x optim.encoder_lr_factor``, the head's ``optim.lr``.
+- ``scratch``: the same network with random initialisation (the supervised baseline), all at ``optim.lr``.
+  Architecture, stem, bands and input transform come from ``cfg.ckpt`` when one is given (so scratch and
+  finetune see identical inputs), else from ``cfg.arch`` / ``cfg.stem`` / ``cfg.crop_size`` and the manifest.
+
+Data: ``ShardDataset`` splits. Train = the labelled train rows thinned to ``cfg.label_fraction`` (seeded by
+``cfg.seed``, nested across fractions); val and test = all labelled rows of those splits. Val only picks the
+epoch: early stopping on the task's val score (``Task.val_score``: mean CRPS for photo-z, cross-entropy
+otherwise) with ``optim.patience``; the best epoch's weights are kept. Epoch 0 is the untrained head, which
+starts at the train class frequencies (:func:`sslsky.models.heads.init_prior`), so with few labels a model
+that only overfits comes back as the prior rather than something worse.
+
+Inputs: the centred crop and flux normalisation the encoder was pretrained with (``load_encoder``'s
+transform). With ``cfg.augment`` (finetune / scratch) training crops get a random flip + 90-degree rotation
+(exact, no resampling) and Galactic reddening (de-redden with the catalog E(B-V), re-redden with one drawn
+from the footprint distribution). With ``cfg.use_ebv`` the E(B-V) is concatenated to the features (Pasquet
+et al. 2019); under the reddening augmentation that input is the drawn E(B-V), the one the image now shows.
+
+Head: :func:`sslsky.models.heads.build_head` (linear or MLP) behind a fixed standardisation of its inputs
+(statistics of the train features: exact for linear; for finetune / scratch from up to ``STATS_ROWS`` train
+rows through the initial encoder with BatchNorm on batch statistics); loss: cross-entropy over the task's
+classes (redshift bins for photo-z). Optimiser: AdamW, cosine decay over ``optim.epochs``. Seeded (init, label
+subset, data order, augmentation); bf16 autocast on GPU (``cfg.amp``).
+
+Resume: after every epoch the training state goes atomically to ``OUT/train_state.pt``; a task started again
+with the same config continues from there (a SLURM requeue loses at most one epoch). The file is removed when
+the task finishes.
+
+Helpers for the task modules: :func:`finished_metrics` (the idempotence check) and :func:`write_json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from sslsky.augment import Reddening
+from sslsky.config import ConfigError, SupervisedEvalConfig, config_to_dict
+from sslsky.data.shards import ShardDataset
+from sslsky.eval.encoders import CheckpointError, EvalTransform, eval_transform, load_encoder
+from sslsky.models.encoders import ARCHITECTURES, STEMS, build_encoder
+from sslsky.models.heads import HEADS, build_head, init_prior
+from sslsky.surveys import get_survey
+from sslsky.train.checkpoint import load_checkpoint, save_checkpoint
+from sslsky.train.schedules import warmup_cosine
+
+PROTOCOLS = ("linear", "finetune", "scratch")
+TRAIN_STATE = "train_state.pt"
+METRICS_FILE = "metrics.json"
+#: Config keys that do not change a result: a finished task with other values here is not run again.
+RUNTIME_KEYS = ("progress", "data.num_workers")
+#: Train rows whose features set the head's input standardisation (finetune / scratch).
+STATS_ROWS = 2048
+#: The head starts at the train class frequencies mixed with this much of a uniform distribution.
+PRIOR_FLOOR = 0.01
+
+
+# ---------------------------------------------------------------------------
+# Idempotence and outputs.
+# ---------------------------------------------------------------------------
+
+
+def _comparable(config: dict) -> dict:
+    config = copy.deepcopy(config)
+    for dotted in RUNTIME_KEYS:
+        node, *rest = dotted.split(".")
+        if rest:
+            config.get(node, {}).pop(rest[0], None)
+        else:
+            config.pop(node, None)
+    return config
+
+
+def finished_metrics(out: str | os.PathLike, cfg) -> dict | None:
+    """The metrics of a finished task with the same resolved config in ``out``, else None."""
+    path = Path(out) / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if _comparable(metrics.get("config") or {}) != _comparable(config_to_dict(cfg)):
+        print(f"eval: {path} was made with another config; running again", flush=True)
+        return None
+    return metrics
+
+
+def _json_ready(value):
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(obj: dict, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as JSON atomically (temp name, then rename); NaN/inf become null."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(_json_ready(obj), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Set-up: device, data, encoder.
+# ---------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or auto")
+    return torch.device(name)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp not in ("bf16", "none"):
+        raise ConfigError(f"amp={amp!r}: choose auto, bf16 or none")
+    return torch.bfloat16 if amp == "bf16" else None
+
+
+def check_config(cfg: SupervisedEvalConfig, protocols=PROTOCOLS) -> None:
+    """Errors a user can fix, before anything is loaded."""
+    if cfg.protocol not in protocols:
+        raise ConfigError(f"protocol={cfg.protocol!r}: choose one of {', '.join(protocols)}")
+    if not cfg.ckpt and cfg.protocol != "scratch":
+        raise ConfigError(f"protocol={cfg.protocol} needs a pretrained encoder: set ckpt=PATH (e.g. "
+                          f"runs/pretrain/encoder.pt); only protocol=scratch runs without one")
+    if cfg.ckpt and not Path(cfg.ckpt).is_file():
+        raise ConfigError(f"ckpt={cfg.ckpt!r} does not exist")
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: point it at a packed folder (sslsky pack --out ...)")
+    if not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path={cfg.data.path!r} does not exist")
+    if not 0.0 < cfg.label_fraction <= 1.0:
+        raise ConfigError(f"label_fraction={cfg.label_fraction} must be in (0, 1]")
+    if cfg.head.kind not in HEADS:
+        raise ConfigError(f"head.kind={cfg.head.kind!r}: choose one of {', '.join(HEADS)}")
+    if cfg.data.batch_size < 2:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: need at least 2 (BatchNorm in the encoder)")
+    if cfg.optim.epochs < 1:
+        raise ConfigError(f"optim.epochs={cfg.optim.epochs} must be at least 1")
+    if not cfg.ckpt and cfg.arch not in ARCHITECTURES:
+        raise ConfigError(f"arch={cfg.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    if not cfg.ckpt and cfg.stem not in STEMS:
+        raise ConfigError(f"stem={cfg.stem!r}: choose one of {', '.join(STEMS)}")
+
+
+@dataclass
+class Splits:
+    """Train (labelled subset), val and test rows of the packed data for one label."""
+
+    train: ShardDataset
+    val: ShardDataset
+    test: ShardDataset
+
+    @property
+    def attrs(self) -> dict:
+        return self.train.attrs
+
+
+def open_splits(cfg: SupervisedEvalConfig, label: str) -> Splits:
+    try:
+        train = ShardDataset(cfg.data.path, split="train", label=label, label_fraction=cfg.label_fraction,
+                             seed=cfg.seed)
+        val = ShardDataset(cfg.data.path, split="val", label=label)
+        test = ShardDataset(cfg.data.path, split="test", label=label)
+    except (FileNotFoundError, KeyError) as err:
+        raise ConfigError(f"data.path={cfg.data.path!r}: {err}") from None
+    if len(test) == 0:
+        raise ConfigError(f"{cfg.data.path}: the test split has no rows labelled {label!r}; nothing to score")
+    return Splits(train, val, test)
+
+
+@dataclass
+class Backbone:
+    """An encoder (pretrained or fresh) and the transform of its inputs."""
+
+    encoder: nn.Module  # (B, C, n, n) -> (B, feature_dim)
+    transform: EvalTransform  # (B, C, N, N) cutouts -> (B, C, n, n) centred crop, normalised
+    arch: str
+    stem: str
+    in_channels: int
+    feature_dim: int
+    source: str  # the checkpoint layout, or "random" (scratch)
+    survey: str
+
+
+def data_survey_name(cfg: SupervisedEvalConfig, attrs: dict, ckpt_survey: str | None = None) -> str:
+    name = cfg.data.survey or ckpt_survey or attrs.get("survey") or ""
+    if not name:
+        raise ConfigError(f"the data in {cfg.data.path!r} do not say their survey (legacy HDF5?); "
+                          f"set data.survey=sdss or data.survey=decals")
+    return name
+
+
+def build_backbone(cfg: SupervisedEvalConfig, attrs: dict, device: torch.device) -> Backbone:
+    """The pretrained encoder of ``cfg.ckpt`` (re-initialised for scratch), or a fresh one from the config."""
+    n_bands = len(attrs.get("bands") or "") or None
+    if cfg.ckpt:
+        try:
+            loaded = load_encoder(cfg.ckpt, stem=cfg.ckpt_stem or None, device="cpu",
+                                  survey=cfg.data.survey or attrs.get("survey") or None)
+        except CheckpointError as err:
+            raise ConfigError(f"ckpt: {err}") from None
+        if n_bands is not None and loaded.in_channels != n_bands:
+            raise ConfigError(f"ckpt {cfg.ckpt} takes {loaded.in_channels} bands but the data in {cfg.data.path} "
+                              f"have {n_bands} ({attrs.get('bands')})")
+        encoder, source = loaded.encoder, loaded.source
+        if cfg.protocol == "scratch":  # same network and inputs, random weights
+            encoder, source = build_encoder(loaded.arch, loaded.in_channels, loaded.stem), "random"
+        survey = data_survey_name(cfg, attrs, loaded.info.get("survey"))
+        return Backbone(encoder.to(device), loaded.transform.to(device), loaded.arch, loaded.stem,
+                        loaded.in_channels, loaded.feature_dim, source, survey)
+    survey = data_survey_name(cfg, attrs)
+    in_channels = n_bands or get_survey(survey).n_bands
+    encoder = build_encoder(cfg.arch, in_channels, cfg.stem)
+    info = {"stats": attrs.get("stats") or {}, "augment": {"geometry": {"crop_size": cfg.crop_size}}}
+    transform = eval_transform(info, survey, in_channels, Path(cfg.data.path))
+    return Backbone(encoder.to(device), transform.to(device), cfg.arch, cfg.stem, in_channels,
+                    int(encoder.feature_dim), "random", survey)
+
+
+# ---------------------------------------------------------------------------
+# Model, augmentation, batches.
+# ---------------------------------------------------------------------------
+
+
+class Predictor(nn.Module):
+    """Encoder -> features (+ E(B-V)) -> head logits: ``(B, C, n, n), (B,) -> (B, n_outputs)``.
+
+    For the linear protocol the encoder is an ``nn.Identity`` and the inputs are precomputed features.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, use_ebv: bool):
+        super().__init__()
+        self.encoder, self.head, self.use_ebv = encoder, head, use_ebv
+
+    def forward(self, x: Tensor, ebv: Tensor) -> Tensor:
+        features = self.encoder(x).float()
+        if self.use_ebv:
+            features = torch.cat([features, ebv.to(features.dtype).unsqueeze(1)], dim=1)
+        return self.head(features)
+
+
+class LightAugment(nn.Module):
+    """Training-time views for fine-tuning: random flip + rot90 (exact), then Galactic reddening.
+
+    ``forward(crops (B, C, n, n) fluxes, ebv (B,)) -> (crops, ebv_shown (B,))``: ebv_shown is the drawn
+    E(B-V) (the catalog one where it is unknown, or without reddening).
+    """
+
+    def __init__(self, extinction: tuple[float, ...] | None):
+        super().__init__()
+        self.reddening = Reddening(extinction) if extinction is not None else None
+
+    def forward(self, x: Tensor, ebv: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        b = x.shape[0]
+        draws = torch.randint(0, 8, (b,), device=x.device, generator=generator)  # the 8 symmetries of a square
+        out = x.clone()
+        for code in range(8):
+            sel = draws == code
+            if sel.any():
+                view = torch.rot90(x[sel], k=code % 4, dims=(-2, -1))
+                out[sel] = view.flip(-1) if code >= 4 else view
+        if self.reddening is None:
+            return out, ebv
+        params = self.reddening.sample_params(b, x.device, generator)
+        known = torch.isfinite(ebv)
+        catalog = torch.where(known, ebv, params["ebv"].to(ebv.dtype))  # unknown E(B-V): left as it is
+        out = self.reddening.apply(out, catalog, params)
+        return out, params["ebv"].to(ebv.dtype)
+
+
+@dataclass
+class Task:
+    """What is predicted: a ShardDataset label column mapped to class indices."""
+
+    name: str  # photoz | morphology (messages)
+    label: str  # ShardDataset label: z | morph_class
+    n_outputs: int  # classes (redshift bins)
+    to_target: Callable[[np.ndarray], np.ndarray]  # (N,) label values -> (N,) int64 class index
+    #: Early-stopping score on the val split, lower is better: (probs (N, K), label values (N,)) -> float;
+    #: None: the val cross-entropy.
+    val_score: Callable[[np.ndarray, np.ndarray], float] | None = None
+    val_score_name: str = "val_loss"
+
+
+def _loader(dataset: Dataset, cfg: SupervisedEvalConfig, device: torch.device, *, train: bool,
+            sampler=None) -> DataLoader:
+    """Training (``train``): full batches only (BatchNorm needs two rows), batch <= the rows there are."""
+    batch = min(cfg.data.batch_size, len(dataset)) if train else cfg.data.batch_size
+    return DataLoader(dataset, batch_size=max(1, batch), sampler=sampler, shuffle=False, drop_last=train,
+                      num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=sampler is not None and cfg.data.num_workers > 0,
+                      generator=torch.Generator())
+
+
+def _sample(dataset: ShardDataset, n: int) -> Dataset:
+    """At most ``n`` rows of ``dataset``, evenly spread."""
+    if len(dataset) <= n:
+        return dataset
+    return Subset(dataset, np.linspace(0, len(dataset) - 1, n).astype(np.int64).tolist())
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, transform: nn.Module, dataset: Dataset, cfg: SupervisedEvalConfig,
+                     device: torch.device, amp: torch.dtype | None = None,
+                     bn_train: bool = False) -> dict[str, np.ndarray]:
+    """Features of every row of ``dataset``: ``features`` (N, D) float32 and the rows' ``object_id``, ``z``,
+    ``ebv``, ``morph_class`` (N,).
+
+    The encoder runs in eval mode (frozen features), or with ``bn_train`` in train mode -- BatchNorm on
+    batch statistics, as training sees it -- with its running statistics put back afterwards.
+    """
+    saved = copy.deepcopy(encoder.state_dict()) if bn_train else None
+    encoder.train(bn_train)
+    parts: dict[str, list] = {"features": [], "object_id": [], "z": [], "ebv": [], "morph_class": []}
+    for batch in _loader(dataset, cfg, device, train=bn_train):
+        x = transform(batch["image"].to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            parts["features"].append(encoder(x).float().cpu().numpy())
+        for name in ("object_id", "z", "ebv", "morph_class"):
+            parts[name].append(batch[name].numpy())
+    if saved is not None:
+        encoder.load_state_dict(saved)
+    encoder.eval()
+    if not parts["features"]:
+        return {"features": np.zeros((0, 0), np.float32), **{k: np.zeros(0) for k in parts if k != "features"}}
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+class FeatureBatches:
+    """Mini-batches of precomputed features (linear protocol): ``(features, ebv, target)`` on the device."""
+
+    def __init__(self, features: np.ndarray, ebv: np.ndarray, target: np.ndarray, device: torch.device):
+        self.x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
+        self.ebv = torch.from_numpy(np.asarray(ebv, dtype=np.float32)).to(device)
+        self.y = torch.from_numpy(np.asarray(target, dtype=np.int64)).to(device)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, batch_size: int, epoch: int | None = None, seed: int = 0) -> Iterator[tuple[Tensor, ...]]:
+        """Shuffled full batches when ``epoch`` is given (training), else all rows in order."""
+        n = len(self.y)
+        if epoch is None:
+            for i in range(0, n, batch_size):
+                yield self.x[i:i + batch_size], self.ebv[i:i + batch_size], self.y[i:i + batch_size]
+            return
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=gen).to(self.y.device)
+        size = min(batch_size, n)
+        for i in range(0, n - size + 1, size):
+            idx = order[i:i + size]
+            yield self.x[idx], self.ebv[idx], self.y[idx]
+
+
+class ImageBatches:
+    """Mini-batches of cutouts from shards: ``(normalised crops, ebv, target)`` on the device."""
+
+    def __init__(self, dataset: ShardDataset, task: Task, transform: EvalTransform, cfg: SupervisedEvalConfig,
+                 device: torch.device, train: bool, augment: LightAugment | None = None):
+        self.dataset, self.task, self.transform, self.device = dataset, task, transform, device
+        self.augment = augment
+        self.sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed) \
+            if train else None
+        self.loader = _loader(dataset, cfg, device, train=train, sampler=self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, epoch: int | None = None, generator: torch.Generator | None = None):
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch or 0)  # the order depends on (seed, epoch) only
+        for batch in self.loader:
+            images = batch["image"].to(self.device, non_blocking=True)
+            ebv = batch["ebv"].to(self.device, dtype=torch.float32)
+            y = torch.from_numpy(self.task.to_target(batch[self.task.label].numpy())).to(self.device)
+            if self.augment is not None and generator is not None:
+                crops = self.transform.crop(images)
+                crops, ebv = self.augment(crops.float(), ebv, generator)
+                x = self.transform.normalize(crops)
+            else:
+                x = self.transform(images)
+            yield x, ebv, y
+
+
+# ---------------------------------------------------------------------------
+# Training.
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class SupervisedRun:
+    """A trained predictor (best val epoch) and what it needs to predict a split."""
+
+    model: Predictor
+    backbone: Backbone
+    task: Task
+    splits: Splits
+    cfg: SupervisedEvalConfig
+    device: torch.device
+    amp: torch.dtype | None
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0  # 0: the prior (no epoch improved the val loss)
+    epochs_run: int = 0
+    train_time_s: float = 0.0
+    test_features: dict | None = None  # linear protocol: precomputed
+
+    @property
+    def n_train(self) -> int:
+        return len(self.splits.train)
+
+    @torch.no_grad()
+    def predict_test(self) -> dict[str, np.ndarray]:
+        """``probs`` (N, K) float64 and the rows' ``object_id``, ``z``, ``ebv``, ``morph_class`` for the test split."""
+        self.model.eval()
+        if self.test_features is not None:
+            cols = self.test_features
+            batches = FeatureBatches(cols["features"], cols["ebv"], np.zeros(len(cols["ebv"]), np.int64),
+                                     self.device).batches(self.cfg.data.batch_size)
+            rows = {k: cols[k] for k in ("object_id", "z", "ebv", "morph_class")}
+        else:
+            ds = self.splits.test
+            idx = ds.indices
+            rows = {k: ds.index.columns[k][idx] for k in ("object_id", "z", "ebv", "morph_class")}
+            stream = ImageBatches(ds, self.task, self.backbone.transform, self.cfg, self.device, train=False)
+            batches = stream.batches()
+        probs = []
+        for x, ebv, _ in batches:
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                logits = self.model(x, ebv)
+            probs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+        return {"probs": np.concatenate(probs), **rows}
+
+
+def _check_ebv(cfg: SupervisedEvalConfig, splits: Splits) -> None:
+    if not cfg.use_ebv:
+        return
+    for name in ("train", "val", "test"):
+        ds = getattr(splits, name)
+        ebv = ds.index.columns["ebv"][ds.indices]
+        bad = np.flatnonzero(~np.isfinite(ebv))
+        if bad.size:
+            ids = ds.index.columns["object_id"][ds.indices[bad[:5]]].tolist()
+            raise ConfigError(f"use_ebv=true but {bad.size} {name} rows have no catalog E(B-V) (object_id {ids}); "
+                              f"add the ebv column and pack again, or set use_ebv=false")
+
+
+def _validate(model: Predictor, batches, task: Task, values: np.ndarray, amp: torch.dtype | None,
+              device: torch.device) -> dict[str, float]:
+    """Val cross-entropy and the task's early-stopping score; ``values`` (N,) the val labels in batch order."""
+    model.eval()
+    total, probs = 0.0, []
+    with torch.no_grad():
+        for x, ebv, y in batches:
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = model(x, ebv).float()
+            total += F.cross_entropy(logits, y, reduction="sum").item()
+            probs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+    out = {"val_loss": total / len(values)}
+    if task.val_score is not None:
+        out[task.val_score_name] = float(task.val_score(np.concatenate(probs), values))
+    return out
+
+
+def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
+    """Train the head (linear) or the whole network (finetune / scratch) as configured; see the module doc."""
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.amp, device)
+    splits = open_splits(cfg, task.label)
+    n_train = len(splits.train)
+    if n_train < 2:
+        raise ConfigError(f"label_fraction={cfg.label_fraction} leaves {n_train} labelled train row(s) in "
+                          f"{cfg.data.path}; need at least 2")
+    _check_ebv(cfg, splits)
+    torch.manual_seed(cfg.seed)  # head (and scratch encoder) initialisation
+    backbone = build_backbone(cfg, splits.attrs, device)
+    out = Path(cfg.out)
+    bs = cfg.data.batch_size
+
+    # ---- data streams ------------------------------------------------------------------------
+    linear = cfg.protocol == "linear"
+    t_features = time.perf_counter()
+    test_features = None
+    if linear:
+        for p in backbone.encoder.parameters():
+            p.requires_grad_(False)
+        feats = {name: extract_features(backbone.encoder, backbone.transform, getattr(splits, name), cfg, device, amp)
+                 for name in ("train", "val", "test")}
+        test_features = feats["test"]
+        train_stream = FeatureBatches(feats["train"]["features"], feats["train"]["ebv"],
+                                      task.to_target(feats["train"][task.label]), device)
+        val_stream = FeatureBatches(feats["val"]["features"], feats["val"]["ebv"],
+                                    task.to_target(feats["val"][task.label]), device) if len(splits.val) else None
+        encoder: nn.Module = nn.Identity()
+    else:
+        photometric = bool(splits.attrs.get("photometric", True))
+        augment = None
+        if cfg.augment:
+            extinction = get_survey(backbone.survey).extinction if photometric else None
+            augment = LightAugment(extinction).to(device)
+        train_stream = ImageBatches(splits.train, task, backbone.transform, cfg, device, train=True, augment=augment)
+        val_stream = ImageBatches(splits.val, task, backbone.transform, cfg, device, train=False) \
+            if len(splits.val) else None
+        encoder = backbone.encoder
+    feature_time = time.perf_counter() - t_features
+
+    head = build_head(cfg.head.kind, backbone.feature_dim + int(cfg.use_ebv), task.n_outputs,
+                      cfg.head.hidden, cfg.head.dropout)
+    if linear:
+        stats = feats["train"]
+    else:  # features as training first sees them: BatchNorm on batch statistics, a sample of the train rows
+        stats = extract_features(backbone.encoder, backbone.transform, _sample(splits.train, STATS_ROWS), cfg,
+                                 device, amp, bn_train=True)
+    inputs = stats["features"]
+    if cfg.use_ebv:
+        inputs = np.concatenate([inputs, stats["ebv"][:, None].astype(np.float32)], axis=1)
+    head[0].set_stats(torch.from_numpy(inputs))
+    counts = np.bincount(task.to_target(splits.train.index.columns[task.label][splits.train.indices]),
+                         minlength=task.n_outputs)
+    init_prior(head, torch.from_numpy((1 - PRIOR_FLOOR) * counts / counts.sum() + PRIOR_FLOOR / task.n_outputs))
+    model = Predictor(encoder, head, cfg.use_ebv).to(device)
+    encoder_lr = cfg.optim.lr * (cfg.optim.encoder_lr_factor if cfg.protocol == "finetune" else 1.0)
+    groups = [{"params": list(head.parameters()), "lr_scale": 1.0}]
+    if not linear:
+        groups.append({"params": list(encoder.parameters()), "lr_scale": encoder_lr / cfg.optim.lr})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    steps_per_epoch = max(1, n_train // min(bs, n_train))
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    aug_gen = torch.Generator(device=device)
+    aug_gen.manual_seed(cfg.seed * 1_000_003 + 17)
+
+    # ---- restore ----------------------------------------------------------------------------
+    history: list[dict] = []
+    monitor = task.val_score_name if task.val_score is not None else "val_loss"
+    val_values = splits.val.index.columns[task.label][splits.val.indices]  # the val streams keep this order
+    best = {"score": math.inf, "epoch": 0, "state": None}
+    start_epoch, bad_epochs, train_time = 0, 0, 0.0
+    state_path = out / TRAIN_STATE
+    if state_path.is_file():
+        state = load_checkpoint(state_path)
+        if _comparable(state.get("config") or {}) == _comparable(config_to_dict(cfg)):
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, bad_epochs, history = int(state["epoch"]), int(state["bad_epochs"]), list(state["history"])
+            best = {"score": float(state["best_score"]), "epoch": int(state["best_epoch"]),
+                    "state": state["best_state"]}
+            train_time = float(state["train_time_s"])
+            torch.set_rng_state(state["rng_torch"])
+            aug_gen.set_state(state["rng_augment"].to(aug_gen.get_state().device))
+            print(f"eval: resumed {cfg.protocol} {task.name} from epoch {start_epoch} in {out}", flush=True)
+        else:
+            print(f"eval: ignoring {state_path} (another config)", flush=True)
+
+    print(f"eval: {task.name} {cfg.protocol} | {backbone.arch} ({backbone.source}) | {n_train} labelled train "
+          f"(label_fraction {cfg.label_fraction}), {len(splits.val)} val, {len(splits.test)} test | "
+          f"device {device}, amp {amp}" + (f" | features in {feature_time:.1f} s" if linear else ""), flush=True)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.optim.epochs, initial=start_epoch, desc=f"{task.name} {cfg.protocol}",
+                   dynamic_ncols=True)
+
+    # ---- the epoch loop -----------------------------------------------------------------------
+    epoch = start_epoch
+    if epoch == 0 and val_stream is not None:  # epoch 0 = the prior: early stopping never returns worse on val
+        vb = val_stream.batches(bs) if linear else val_stream.batches()
+        record = {"epoch": 0, **_validate(model, vb, task, val_values, amp, device)}
+        best = {"score": record[monitor], "epoch": 0,
+                "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        history.append(record)
+    stopped_early = bool(history) and cfg.optim.patience > 0 and bad_epochs >= cfg.optim.patience
+    while epoch < cfg.optim.epochs and not stopped_early:
+        t0 = time.perf_counter()
+        model.train()
+        if linear:
+            batches = train_stream.batches(bs, epoch=epoch, seed=cfg.seed)
+        else:
+            batches = train_stream.batches(epoch=epoch, generator=aug_gen if cfg.augment else None)
+        losses = []
+        for i, (x, ebv, y) in enumerate(batches):
+            lr = warmup_cosine(epoch * steps_per_epoch + i, cfg.optim.lr, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = model(x, ebv)
+            loss = F.cross_entropy(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{task.name} {cfg.protocol}: loss is {loss.item()} at epoch {epoch}; "
+                                         f"lower optim.lr (now {cfg.optim.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        epoch += 1
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": lr}
+        if val_stream is not None:
+            vb = val_stream.batches(bs) if linear else val_stream.batches()
+            record.update(_validate(model, vb, task, val_values, amp, device))
+            if record[monitor] < best["score"]:
+                best = {"score": record[monitor], "epoch": epoch,
+                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+        train_time += time.perf_counter() - t0
+        record["time_s"] = time.perf_counter() - t0
+        history.append(record)
+        stopped_early = val_stream is not None and cfg.optim.patience > 0 and bad_epochs >= cfg.optim.patience
+        save_checkpoint({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "bad_epochs": bad_epochs, "history": history, "best_score": best["score"],
+            "best_epoch": best["epoch"], "best_state": best["state"], "train_time_s": train_time,
+            "rng_torch": torch.get_rng_state(), "rng_augment": aug_gen.get_state().cpu(),
+            "config": config_to_dict(cfg),
+        }, state_path, keep=0)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k.startswith(("train", "val"))})
+        else:
+            print(f"eval: epoch {epoch}/{cfg.optim.epochs} " +
+                  " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("train", "val"))), flush=True)
+    if bar is not None:
+        bar.close()
+
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    else:  # no validation rows: the last epoch
+        best["epoch"] = epoch
+    model.eval()
+    why = "early stop" if stopped_early else "all epochs"
+    print(f"eval: trained {epoch} epoch(s) ({why}), best epoch by {monitor}: {best['epoch']} (0 = the prior), "
+          f"{train_time:.1f} s", flush=True)
+    return SupervisedRun(model=model, backbone=backbone, task=task, splits=splits, cfg=cfg, device=device, amp=amp,
+                         history=history, best_epoch=best["epoch"], epochs_run=epoch, train_time_s=train_time,
+                         test_features=test_features)
+
+
+def clear_train_state(out: str | os.PathLike) -> None:
+    """Remove the resume state of a finished task."""
+    (Path(out) / TRAIN_STATE).unlink(missing_ok=True)
