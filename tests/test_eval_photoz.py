@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -58,7 +59,9 @@ def recompute(pred_file) -> dict:
 
 def test_linear_outputs_contract_and_idempotent_rerun(packed_mock, encoder_path, tmp_path, monkeypatch):
     out = tmp_path / "linear"
-    cfg = specz_config(packed_mock, out, f"ckpt={encoder_path}", "protocol=linear", "optim.epochs=3")
+    ckpt = tmp_path / "encoder.pt"
+    shutil.copy(encoder_path, ckpt)
+    cfg = specz_config(packed_mock, out, f"ckpt={ckpt}", "protocol=linear", "optim.epochs=3")
     m = photoz.run_specz(cfg)
     for key in TASK_KEYS:
         assert key in m, key
@@ -87,11 +90,18 @@ def test_linear_outputs_contract_and_idempotent_rerun(packed_mock, encoder_path,
 
     # Same config again: the stored metrics come back and nothing trains.
     monkeypatch.setattr(photoz, "train_supervised", lambda *a, **k: pytest.fail("trained again"))
-    assert photoz.run_specz(specz_config(packed_mock, out, f"ckpt={encoder_path}", "protocol=linear",
+    assert photoz.run_specz(specz_config(packed_mock, out, f"ckpt={ckpt}", "protocol=linear",
                                          "optim.epochs=3", "data.num_workers=1")) == m
-    # A changed config is a new task (here it fails on purpose, proving it tried to train).
+    # A changed config is a new task (here it fails on purpose, proving it tried to train) ...
     with pytest.raises(pytest.fail.Exception):
-        photoz.run_specz(specz_config(packed_mock, out, f"ckpt={encoder_path}", "protocol=linear", "seed=1"))
+        photoz.run_specz(specz_config(packed_mock, out, f"ckpt={ckpt}", "protocol=linear", "optim.epochs=3",
+                                      "seed=1"))
+    # ... and so is the same config on a retrained encoder at the same path.
+    state = torch.load(ckpt, weights_only=True)
+    state["encoder"]["conv1.weight"] += 0.01
+    torch.save(state, ckpt)
+    with pytest.raises(pytest.fail.Exception):
+        photoz.run_specz(cfg)
 
 
 def test_finetune_with_ebv_augment_and_label_fraction(packed_mock, encoder_path, tmp_path):

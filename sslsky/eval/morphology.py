@@ -13,13 +13,15 @@ the vote shares. Rows with ``morph_class`` = -1 (unknown) are never used.
 Contract (the label-fraction sweep relies on it):
 
 - **Idempotent**: if ``cfg.out/metrics.json`` exists and was made with the same resolved config (ignoring
-  ``progress`` and ``data.num_workers``), it is returned without training; ``metrics.json`` is written last.
+  ``progress`` and ``data.num_workers``) and the same checkpoint bytes (``ckpt_sha256``), it is returned
+  without training; ``metrics.json`` is written last.
 - ``cfg.out/config.yaml``: the resolved config, written before training.
 - ``cfg.out/metrics.json`` keys: ``task`` ("morph"), ``protocol``, ``label_fraction``, ``seed``,
-  ``n_train_labels``, ``n_val``, ``n_test``, ``ckpt``; test-split ``accuracy``, ``macro_f1``, ``recall``
-  (class name -> recall, null for a class absent from the test split), ``precision``, ``f1``, ``support``,
-  ``confusion_matrix`` (rows true, columns predicted), ``classes``; ``majority_baseline`` (accuracy and
-  macro-F1 of always predicting the most common train class); ``history``, ``best_epoch``, ``config``.
+  ``n_train_labels``, ``n_val``, ``n_test``, ``ckpt``, ``ckpt_sha256``; test-split ``accuracy``,
+  ``macro_f1``, ``recall`` (class name -> recall, null for a class absent from the test split),
+  ``precision``, ``f1``, ``support``, ``confusion_matrix`` (rows true, columns predicted), ``classes``;
+  ``majority_baseline`` (accuracy and macro-F1 of always predicting the most common train class); ``knn``
+  (k, weighting; null for the trained protocols); ``history``, ``best_epoch``, ``epochs_run``, ``config``.
 - ``cfg.out/predictions.h5`` (atomic): per test galaxy ``object_id``, ``true_class``, ``pred_class`` (N,) and
   ``probs`` (N, K); attribute ``classes``.
 - ``cfg.out/plots/confusion_matrix.png`` (row-normalised colours, counts written in the cells).
@@ -46,6 +48,7 @@ from sslsky.train.finetune import (
     check_config,
     clear_train_state,
     extract_features,
+    file_sha256,
     finished_metrics,
     open_splits,
     resolve_device,
@@ -156,6 +159,7 @@ def run_morph(cfg: EvalMorphConfig) -> dict:
     result = {
         "task": "morph", "protocol": cfg.protocol, "label_fraction": cfg.label_fraction, "seed": cfg.seed,
         "n_train_labels": n_train, "n_val": len(splits.val), "n_test": len(r["true"]), "ckpt": cfg.ckpt,
+        "ckpt_sha256": file_sha256(cfg.ckpt) if cfg.ckpt else None,
         **metrics, "classes": names,
         "majority_baseline": {"class": names[majority], "accuracy": base["accuracy"], "macro_f1": base["macro_f1"]},
         "knn": ({"k": min(cfg.knn.k, n_train), "weighted": cfg.knn.weighted, "metric": "cosine"}

@@ -13,14 +13,16 @@ PDF mean (median and mode are saved and scored too).
 Contract (the label-fraction sweep relies on it):
 
 - **Idempotent**: if ``cfg.out/metrics.json`` exists and was made with the same resolved config (ignoring
-  ``progress`` and ``data.num_workers``), it is returned without training. ``metrics.json`` is written last
-  (atomically), so it marks a finished task; an interrupted task resumes from ``cfg.out/train_state.pt``.
+  ``progress`` and ``data.num_workers``) and the same checkpoint bytes (``ckpt_sha256``), it is returned
+  without training. ``metrics.json`` is written last (atomically), so it marks a finished task; an
+  interrupted task resumes from ``cfg.out/train_state.pt``.
 - ``cfg.out/config.yaml``: the resolved config, written before training.
 - ``cfg.out/metrics.json`` keys: ``task`` ("specz"), ``protocol``, ``label_fraction``, ``seed``,
-  ``n_train_labels`` (labelled train rows used), ``n_val``, ``n_test``, ``ckpt``; the test-split metrics of the
-  PDF mean ``sigma_mad``, ``bias``, ``eta``, ``bin_accuracy``, ``crps``, ``n``; ``by_estimate`` (the same for
-  ``mean``, ``median``, ``mode``); ``median_z_baseline`` (metrics of predicting the train median z for every
-  galaxy); ``history`` (per-epoch losses), ``best_epoch``, ``train_time_s``, ``config``.
+  ``n_train_labels`` (labelled train rows used), ``n_val``, ``n_test``, ``ckpt``, ``ckpt_sha256``; the
+  test-split metrics of the PDF mean ``sigma_mad``, ``bias``, ``eta``, ``bin_accuracy``, ``crps``, ``n``;
+  ``by_estimate`` (the same for ``mean``, ``median``, ``mode``); ``median_z_baseline`` (metrics of predicting
+  the train median z for every galaxy); ``history`` (per-epoch losses, val CRPS), ``best_epoch``,
+  ``epochs_run``, ``train_time_s``, ``config``.
 - ``cfg.out/predictions.h5`` (atomic): per test galaxy ``object_id``, ``z_spec``, ``ebv``, ``z_mean``,
   ``z_median``, ``z_mode`` (N,) and ``pdf`` (N, K) float32 summing to 1, plus ``bin_edges`` (K + 1,).
 - ``cfg.out/plots/``: ``zphot_vs_zspec.png`` (density, 1:1 and outlier lines, metrics in the legend),
@@ -50,6 +52,7 @@ from sslsky.train.finetune import (
     Task,
     check_config,
     clear_train_state,
+    file_sha256,
     finished_metrics,
     train_supervised,
     write_json,
@@ -110,6 +113,7 @@ def run_specz(cfg: EvalSpeczConfig) -> dict:
     result = {
         "task": "specz", "protocol": cfg.protocol, "label_fraction": cfg.label_fraction, "seed": cfg.seed,
         "n_train_labels": run.n_train, "n_val": len(run.splits.val), "n_test": len(z_spec), "ckpt": cfg.ckpt,
+        "ckpt_sha256": file_sha256(cfg.ckpt) if cfg.ckpt else None,
         **metrics, "point_estimate": "mean", "by_estimate": by_estimate, "median_z_baseline": baseline,
         "n_bins": cfg.n_bins, "z_range": [cfg.z_min, cfg.z_max], "outlier_threshold": OUTLIER_THRESHOLD,
         "arch": run.backbone.arch, "stem": run.backbone.stem, "encoder_source": run.backbone.source,

@@ -30,8 +30,8 @@ classes (redshift bins for photo-z). Optimiser: AdamW, cosine decay over ``optim
 subset, data order, augmentation); bf16 autocast on GPU (``cfg.amp``).
 
 Resume: after every epoch the training state goes atomically to ``OUT/train_state.pt``; a task started again
-with the same config continues from there (a SLURM requeue loses at most one epoch). The file is removed when
-the task finishes.
+with the same config and checkpoint (SHA-256) continues from there (a SLURM requeue loses at most one epoch).
+The file is removed when the task finishes.
 
 Helpers for the task modules: :func:`finished_metrics` (the idempotence check) and :func:`write_json`.
 """
@@ -39,6 +39,7 @@ Helpers for the task modules: :func:`finished_metrics` (the idempotence check) a
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -90,8 +91,17 @@ def _comparable(config: dict) -> dict:
     return config
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (the checkpoint's identity: the same path may hold a retrained encoder)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def finished_metrics(out: str | os.PathLike, cfg) -> dict | None:
-    """The metrics of a finished task with the same resolved config in ``out``, else None."""
+    """The metrics of a finished task in ``out`` with the same resolved config (and checkpoint bytes), else None."""
     path = Path(out) / METRICS_FILE
     if not path.is_file():
         return None
@@ -101,6 +111,9 @@ def finished_metrics(out: str | os.PathLike, cfg) -> dict | None:
         return None
     if _comparable(metrics.get("config") or {}) != _comparable(config_to_dict(cfg)):
         print(f"eval: {path} was made with another config; running again", flush=True)
+        return None
+    if cfg.ckpt and (not Path(cfg.ckpt).is_file() or metrics.get("ckpt_sha256") != file_sha256(cfg.ckpt)):
+        print(f"eval: {path} was made from another {cfg.ckpt}; running again", flush=True)
         return None
     return metrics
 
@@ -569,9 +582,11 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
     best = {"score": math.inf, "epoch": 0, "state": None}
     start_epoch, bad_epochs, train_time = 0, 0, 0.0
     state_path = out / TRAIN_STATE
+    ckpt_sha = file_sha256(cfg.ckpt) if cfg.ckpt else None
     if state_path.is_file():
         state = load_checkpoint(state_path)
-        if _comparable(state.get("config") or {}) == _comparable(config_to_dict(cfg)):
+        if (_comparable(state.get("config") or {}) == _comparable(config_to_dict(cfg))
+                and state.get("ckpt_sha256") == ckpt_sha):
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, bad_epochs, history = int(state["epoch"]), int(state["bad_epochs"]), list(state["history"])
@@ -582,7 +597,7 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
             aug_gen.set_state(state["rng_augment"].to(aug_gen.get_state().device))
             print(f"eval: resumed {cfg.protocol} {task.name} from epoch {start_epoch} in {out}", flush=True)
         else:
-            print(f"eval: ignoring {state_path} (another config)", flush=True)
+            print(f"eval: ignoring {state_path} (another config or checkpoint)", flush=True)
 
     print(f"eval: {task.name} {cfg.protocol} | {backbone.arch} ({backbone.source}) | {n_train} labelled train "
           f"(label_fraction {cfg.label_fraction}), {len(splits.val)} val, {len(splits.test)} test | "
@@ -645,7 +660,7 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
             "bad_epochs": bad_epochs, "history": history, "best_score": best["score"],
             "best_epoch": best["epoch"], "best_state": best["state"], "train_time_s": train_time,
             "rng_torch": torch.get_rng_state(), "rng_augment": aug_gen.get_state().cpu(),
-            "config": config_to_dict(cfg),
+            "config": config_to_dict(cfg), "ckpt_sha256": ckpt_sha,
         }, state_path, keep=0)
         if bar is not None:
             bar.update(1)
