@@ -34,3 +34,23 @@ rm -rf "$OUT/pretrain"  # a fresh run each time (a kept run dir would resume, no
 "$BIN/sslsky" pretrain --config config/pretrain_demo.yaml data.path="$OUT/packed" run_dir="$OUT/pretrain"
 "$BIN/python" utils/pretrain_summary.py "$OUT/pretrain"
 echo "demo: encoder at $OUT/pretrain/encoder.pt; TensorBoard: $BIN/tensorboard --logdir $OUT/pretrain/tensorboard"
+
+echo "== 5 evaluation with the demo encoder: photo-z (linear probe) and morphology (kNN) -> $OUT/eval_*"
+# A result folder whose config and encoder bytes are unchanged is reused, not retrained.
+"$BIN/python" eval_specz.py --config config/eval_specz.yaml ckpt="$OUT/pretrain/encoder.pt" data.path="$OUT/packed" \
+  out="$OUT/eval_specz" protocol=linear device=cpu data.num_workers=0 progress=false
+"$BIN/sslsky" eval-morph --config config/eval_morph.yaml ckpt="$OUT/pretrain/encoder.pt" data.path="$OUT/packed" \
+  out="$OUT/eval_morph" protocol=knn device=cpu data.num_workers=0 progress=false
+"$BIN/python" - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+z = json.load(open(f"{out}/eval_specz/metrics.json"))
+m = json.load(open(f"{out}/eval_morph/metrics.json"))
+b = z["median_z_baseline"]
+print(f"photo-z  ({z['protocol']}, {z['n_train_labels']} labels, {z['n_test']} test): sigma_MAD {z['sigma_mad']:.4f} "
+      f"bias {z['bias']:+.4f} eta {z['eta']:.3f} CRPS {z['crps']:.4f} | median-z guess: sigma_MAD {b['sigma_mad']:.4f} "
+      f"eta {b['eta']:.3f}")
+print(f"morphology ({m['protocol']} k={m['knn']['k']}, {m['n_train_labels']} labels, {m['n_test']} test): accuracy "
+      f"{m['accuracy']:.3f} macro-F1 {m['macro_f1']:.3f} | majority class: {m['majority_baseline']['accuracy']:.3f}")
+print("plots:", *z["plots"], *m["plots"], sep="\n  ")
+PY
