@@ -76,9 +76,10 @@ def cells(cfg: SweepConfig) -> list[Cell]:
 
 
 def task_overrides(cfg: SweepConfig, cell: Cell, out: Path) -> list[str]:
-    ckpt = "" if cell.protocol == "scratch" else cfg.ckpt
+    # scratch gets the checkpoint too: it takes the architecture, stem, crop and normalisation from it
+    # and starts from random weights, so the baseline is the same network.
     return [*cfg.overrides, f"protocol={cell.protocol}", f"label_fraction={cell.label_fraction}",
-            f"seed={cell.seed}", f"out={cell.folder(out)}", f"ckpt={ckpt}", f"data.path={cfg.data_path}"]
+            f"seed={cell.seed}", f"out={cell.folder(out)}", f"ckpt={cfg.ckpt}", f"data.path={cfg.data_path}"]
 
 
 class SweepTask:
@@ -146,8 +147,15 @@ def submit_slurm(cfg: SweepConfig, tasks: list[SweepTask], out: Path) -> list:
     if slurm.additional:
         params["slurm_additional_parameters"] = dict(slurm.additional)
     executor.update_parameters(**params)
-    with executor.batch():
-        jobs = [executor.submit(task) for task in tasks]
+    try:
+        with executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
+    except Exception as err:  # noqa: BLE001 (submitit wraps sbatch's refusal in several types)
+        cause = err.__cause__ or err
+        detail = (getattr(cause, "stderr", None) or getattr(cause, "output", None) or str(err))
+        detail = detail.decode() if isinstance(detail, bytes) else detail
+        raise ConfigError(f"sbatch refused the job array ({', '.join(f'{k}={v}' for k, v in params.items())}): "
+                          f"{str(detail).strip()}; adjust slurm.* in the sweep config") from None
     return jobs
 
 
