@@ -64,6 +64,20 @@ def test_splits_and_label_subsets(packed):
         ShardDataset(out, label_fraction=0.5)
 
 
+def test_batched_read_equals_item_by_item(packed):
+    _, out = packed
+    ds = ShardDataset(out, split="train")
+    order = [len(ds) - 1, 0, 5, 5, -1, 3]  # unsorted, across shards, repeated, negative
+    batch, single = ds.__getitems__(order), [ds[i] for i in order]
+    assert len(batch) == len(single)
+    for a, b in zip(batch, single):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key])
+            else:  # z is NaN where unknown
+                assert type(a[key]) is type(b[key]) and (a[key] == b[key] or (a[key] != a[key] and b[key] != b[key]))
+
 def test_dataloader_workers_and_distributed_sampler(packed):
     survey, out = packed
     ds = ShardDataset(out)

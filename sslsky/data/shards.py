@@ -8,6 +8,12 @@ image files are opened lazily, once per worker process, so the dataset can
 be handed to a ``DataLoader`` with workers and to a ``DistributedSampler``.
 A global index maps to (shard, row) through the cumulative row counts.
 
+Reads are made for random access from the page cache: each worker keeps its
+open image datasets and reads one row with a single low-level HDF5 hyperslab
+read (HDF5 converts float16 shards to float32 on the way), and a
+``DataLoader`` batch goes through ``__getitems__``, which reads its rows in
+file order.
+
 The same class reads one HDF5 file in the layout of the original
 ssl-sky-surveys data (``images``, ``specz_redshift``, ``e_bv``, ``ObjID``).
 """
@@ -129,6 +135,36 @@ def index_shards(source: str | os.PathLike) -> ShardIndex:
     return ShardIndex(paths, np.asarray(rows, dtype=np.int64), columns, attrs=attrs)
 
 
+class _ImageReader:
+    """One shard's image dataset, open in this process; reads one row as (C, H, W) float32.
+
+    Skips h5py's high-level slicing (which costs more than the read itself for
+    one 5x107x107 image from the page cache): the file and memory dataspaces
+    are made once and each read moves the hyperslab of one row.
+    """
+
+    def __init__(self, path: Path, key: str, channels_last: bool):
+        self.file = h5py.File(path, "r")
+        self.images = self.file[key]  # (N, C, H, W), or (N, H, W, C) when channels_last
+        self.channels_last = channels_last
+        self.row_shape = tuple(self.images.shape[1:])
+        self.count = (1, *self.row_shape)
+        self.file_space = self.images.id.get_space()
+        self.memory_space = h5py.h5s.create_simple(self.row_shape)
+
+    def read(self, row: int) -> np.ndarray:
+        """(C, H, W) float32, a fresh array the caller owns."""
+        out = np.empty(self.row_shape, dtype=np.float32)
+        self.file_space.select_hyperslab((row,) + (0,) * len(self.row_shape), self.count)
+        self.images.id.read(self.memory_space, self.file_space, out)
+        if self.channels_last:
+            out = np.ascontiguousarray(np.moveaxis(out, -1, 0))
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class ShardDataset(Dataset):
     """Images and metadata from packed shards, optionally one split and a labelled subset.
 
@@ -162,7 +198,7 @@ class ShardDataset(Dataset):
         if label_fraction is not None and label_fraction < 1.0:
             self.indices = label_subset(self.indices, fraction=label_fraction, seed=seed)
         self.transform = transform
-        self._files: dict[int, h5py.File] = {}
+        self._readers: dict[int, _ImageReader] = {}
         self._pid = None
 
     def __len__(self) -> int:
@@ -178,25 +214,22 @@ class ShardDataset(Dataset):
         shard = int(np.searchsorted(self.offsets, global_index, side="right") - 1)
         return shard, int(global_index - self.offsets[shard])
 
-    def _file(self, shard: int) -> h5py.File:
+    def _reader(self, shard: int) -> _ImageReader:
         if self._pid != os.getpid():  # a fresh worker: never share handles across fork
-            self._files, self._pid = {}, os.getpid()
-        handle = self._files.get(shard)
-        if handle is None:
-            handle = self._files[shard] = h5py.File(self.index.paths[shard], "r")
-        return handle
+            self._readers, self._pid = {}, os.getpid()
+        reader = self._readers.get(shard)
+        if reader is None:
+            reader = self._readers[shard] = _ImageReader(self.index.paths[shard], self.index.image_key,
+                                                         self.index.channels_last)
+        return reader
 
     def read_image(self, global_index: int) -> np.ndarray:
         """(C, H, W) float32 image of a global row."""
         shard, row = self.locate(global_index)
-        image = self._file(shard)[self.index.image_key][row]
-        if self.index.channels_last:
-            image = np.moveaxis(image, -1, 0)
-        return np.ascontiguousarray(image, dtype=np.float32)
+        return self._reader(shard).read(row)
 
-    def __getitem__(self, i: int) -> dict:
-        g = int(self.indices[i])
-        image = torch.from_numpy(self.read_image(g))
+    def _item(self, g: int, image: np.ndarray) -> dict:
+        image = torch.from_numpy(image)
         if self.transform is not None:
             image = self.transform(image)
         cols = self.index.columns
@@ -213,12 +246,26 @@ class ShardDataset(Dataset):
                 item[name] = torch.from_numpy(cols[name][g])  # (C,)
         return item
 
+    def __getitem__(self, i: int) -> dict:
+        g = int(self.indices[i])
+        return self._item(g, self.read_image(g))
+
+    def __getitems__(self, indices) -> list[dict]:
+        """``[self[i] for i in indices]``, reading the rows in file order (a DataLoader calls this per batch)."""
+        rows = self.indices[np.asarray(indices, dtype=np.int64)]  # (B,) global rows
+        shards = np.searchsorted(self.offsets, rows, side="right") - 1
+        images: list[np.ndarray | None] = [None] * len(rows)
+        for k in np.argsort(rows, kind="stable"):  # shards follow global rows, so this is file order
+            shard = int(shards[k])
+            images[k] = self._reader(shard).read(int(rows[k] - self.offsets[shard]))
+        return [self._item(int(g), image) for g, image in zip(rows, images)]
+
     def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files = {}
+        for reader in self._readers.values():
+            reader.close()
+        self._readers = {}
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_files"], state["_pid"] = {}, None
+        state["_readers"], state["_pid"] = {}, None
         return state
