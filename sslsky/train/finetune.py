@@ -207,8 +207,10 @@ def open_splits(cfg: SupervisedEvalConfig, label: str) -> Splits:
                              seed=cfg.seed)
         val = ShardDataset(cfg.data.path, split="val", label=label)
         test = ShardDataset(cfg.data.path, split="test", label=label)
-    except (FileNotFoundError, KeyError) as err:
-        raise ConfigError(f"data.path={cfg.data.path!r}: {err}") from None
+    except (FileNotFoundError, KeyError, ValueError) as err:  # ValueError: no labelled train row to subset
+        raise ConfigError(f"data.path={cfg.data.path!r} (label {label!r}): {err}") from None
+    if len(train) == 0:
+        raise ConfigError(f"{cfg.data.path}: the train split has no rows labelled {label!r}")
     if len(test) == 0:
         raise ConfigError(f"{cfg.data.path}: the test split has no rows labelled {label!r}; nothing to score")
     return Splits(train, val, test)
@@ -594,6 +596,8 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
                     "state": state["best_state"]}
             train_time = float(state["train_time_s"])
             torch.set_rng_state(state["rng_torch"])
+            if device.type == "cuda" and state.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(state["rng_cuda"], device)
             aug_gen.set_state(state["rng_augment"].to(aug_gen.get_state().device))
             print(f"eval: resumed {cfg.protocol} {task.name} from epoch {start_epoch} in {out}", flush=True)
         else:
@@ -660,6 +664,7 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
             "bad_epochs": bad_epochs, "history": history, "best_score": best["score"],
             "best_epoch": best["epoch"], "best_state": best["state"], "train_time_s": train_time,
             "rng_torch": torch.get_rng_state(), "rng_augment": aug_gen.get_state().cpu(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "config": config_to_dict(cfg), "ckpt_sha256": ckpt_sha,
         }, state_path, keep=0)
         if bar is not None:
