@@ -113,3 +113,26 @@ def test_legacy_file_reads_like_a_shard(tmp_path):
 def test_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="sslsky pack"):
         ShardDataset(tmp_path)
+
+
+def test_read_batch_equals_the_default_collated_items(survey, tmp_path):
+    from torch.utils.data import DataLoader, SequentialSampler, default_collate
+
+    from sslsky.data.shards import batch_loader
+
+    out = tmp_path / "packed"
+    assert main(pack_args(survey, out, "--shard-size", "7")) == 0
+    ds = ShardDataset(out, split="train")
+    indices = [5, 0, len(ds) - 1, 3, 3, 8]  # unsorted, across shards, repeated
+    batch, reference = ds[indices], default_collate([ds[i] for i in indices])
+    assert batch.keys() == reference.keys()
+    for key in batch:
+        assert batch[key].dtype == reference[key].dtype, key
+        torch.testing.assert_close(batch[key], reference[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    # The batch loader yields the DataLoader's own batches, in the same order.
+    ours = list(batch_loader(ds, SequentialSampler(ds), 4, drop_last=False))
+    theirs = list(DataLoader(ds, batch_size=4, sampler=SequentialSampler(ds), drop_last=False))
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from sslsky.data.schema import LEGACY_LAYOUT, MANIFEST_NAME, OPTIONAL_COLUMNS, PER_BAND_COLUMNS
 from sslsky.data.splits import DEFAULT_FRACTIONS, label_subset, split_mask
@@ -152,14 +152,21 @@ class _ImageReader:
         self.file_space = self.images.id.get_space()
         self.memory_space = h5py.h5s.create_simple(self.row_shape)
 
-    def read(self, row: int) -> np.ndarray:
-        """(C, H, W) float32, a fresh array the caller owns."""
-        out = np.empty(self.row_shape, dtype=np.float32)
-        self.file_space.select_hyperslab((row,) + (0,) * len(self.row_shape), self.count)
-        self.images.id.read(self.memory_space, self.file_space, out)
+    def read(self, row: int, out: np.ndarray | None = None) -> np.ndarray:
+        """(C, H, W) float32: a fresh array the caller owns, or written into ``out`` (C-contiguous, float32)."""
         if self.channels_last:
-            out = np.ascontiguousarray(np.moveaxis(out, -1, 0))
-        return out
+            buffer = np.empty(self.row_shape, dtype=np.float32)
+        else:
+            buffer = np.empty(self.row_shape, dtype=np.float32) if out is None else out
+        self.file_space.select_hyperslab((row,) + (0,) * len(self.row_shape), self.count)
+        self.images.id.read(self.memory_space, self.file_space, buffer)
+        if self.channels_last:
+            image = np.moveaxis(buffer, -1, 0)
+            if out is None:
+                return np.ascontiguousarray(image)
+            out[...] = image
+            return out
+        return buffer
 
     def close(self) -> None:
         self.file.close()
@@ -246,9 +253,47 @@ class ShardDataset(Dataset):
                 item[name] = torch.from_numpy(cols[name][g])  # (C,)
         return item
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i) -> dict:
+        """Item ``i`` as a dict; a list of indices gives the whole batch at once (see :meth:`read_batch`)."""
+        if isinstance(i, (list, tuple, np.ndarray)):
+            return self.read_batch(i)
         g = int(self.indices[i])
         return self._item(g, self.read_image(g))
+
+    def read_batch(self, indices) -> dict:
+        """A collated batch, read straight into one ``(B, C, H, W)`` float32 array.
+
+        Equal to ``default_collate([self[i] for i in indices])`` (the same keys, dtypes and values)
+        without one array per image and the copy of stacking them: with
+        ``DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, B, drop_last))`` each
+        batch is one call of this (:func:`batch_loader` builds that loader).
+        """
+        if self.transform is not None:
+            from torch.utils.data import default_collate
+
+            return default_collate(self.__getitems__(indices))
+        rows = self.indices[np.asarray(indices, dtype=np.int64)]  # (B,) global rows
+        shards = np.searchsorted(self.offsets, rows, side="right") - 1
+        shape = self._reader(int(shards[0])).row_shape if len(rows) else (0, 0, 0)
+        if self.index.channels_last and len(rows):
+            shape = (shape[-1], *shape[:-1])
+        images = np.empty((len(rows), *shape), dtype=np.float32)
+        for k in np.argsort(rows, kind="stable"):  # file order
+            shard = int(shards[k])
+            self._reader(shard).read(int(rows[k] - self.offsets[shard]), out=images[k])
+        cols = self.index.columns
+        batch = {
+            "image": torch.from_numpy(images),
+            "object_id": torch.from_numpy(cols["object_id"][rows].astype(np.int64)),
+            "z": torch.from_numpy(cols["z"][rows].astype(np.float64)),
+            "ebv": torch.from_numpy(cols["ebv"][rows].astype(np.float64)),
+            "morph_class": torch.from_numpy(cols["morph_class"][rows].astype(np.int64)),
+            "index": torch.from_numpy(rows.astype(np.int64)),
+        }
+        for name in PER_BAND_COLUMNS:
+            if name in cols:
+                batch[name] = torch.from_numpy(np.ascontiguousarray(cols[name][rows]))
+        return batch
 
     def __getitems__(self, indices) -> list[dict]:
         """``[self[i] for i in indices]``, reading the rows in file order (a DataLoader calls this per batch)."""
@@ -269,3 +314,13 @@ class ShardDataset(Dataset):
         state = self.__dict__.copy()
         state["_readers"], state["_pid"] = {}, None
         return state
+
+
+def batch_loader(dataset: ShardDataset, sampler, batch_size: int, drop_last: bool = True, **kwargs) -> DataLoader:
+    """A DataLoader whose batches are single :meth:`ShardDataset.read_batch` calls.
+
+    ``sampler`` yields dataset indices (e.g. a ``DistributedSampler``); ``kwargs`` go to the DataLoader
+    (``num_workers``, ``pin_memory``, ``persistent_workers``, ``generator``...). The batches equal
+    those of ``DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last)``.
+    """
+    return DataLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last), **kwargs)

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import SequentialSampler
 
 from sslsky.augment import AstroAugment
 from sslsky.config import ConfigError, PretrainConfig, config_to_dict, write_config
 from sslsky.data.schema import PER_BAND_COLUMNS
-from sslsky.data.shards import ShardDataset
+from sslsky.data.shards import ShardDataset, batch_loader
 from sslsky.models import MoCo
 from sslsky.surveys import Survey, get_survey
 from sslsky.train import dist
@@ -262,12 +262,13 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag) -> int:
                                           seed=cfg.seed)
     # The loader draws its worker seeds from its own generator, so starting an epoch (or resuming
     # mid-epoch) never advances the global RNG that the key shuffle uses: exact resume.
-    loader = DataLoader(train_set, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=cfg.data.num_workers > 0, generator=torch.Generator())
+    # Each batch is one read straight into a (B, C, H, W) array (ShardDataset.read_batch).
+    loader = batch_loader(train_set, sampler, cfg.data.batch_size, drop_last=True, num_workers=cfg.data.num_workers,
+                          pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+                          generator=torch.Generator())
     # Full validation batches only: the in-batch top-1 depends on the batch size (chance = 1 / batch).
-    val_loader = DataLoader(val_set, batch_size=max(1, min(cfg.data.batch_size, len(val_set))), shuffle=False,
-                            num_workers=0, drop_last=True, generator=torch.Generator())
+    val_loader = batch_loader(val_set, SequentialSampler(val_set), max(1, min(cfg.data.batch_size, len(val_set))),
+                              drop_last=True, num_workers=0, generator=torch.Generator())
     val_every = cfg.val_every if len(val_set) >= 2 else 0
     if cfg.val_every and not val_every and main:
         print(f"pretrain: only {len(val_set)} validation image(s); no contrastive top-1 is measured", flush=True)
