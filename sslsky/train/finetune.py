@@ -330,14 +330,22 @@ class Task:
     val_score_name: str = "val_loss"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (the SLURM allocation, not the node), for capping loader workers."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
 def _loader(dataset: Dataset, cfg: SupervisedEvalConfig, device: torch.device, *, train: bool,
             sampler=None) -> DataLoader:
     """Training (``train``): full batches only (BatchNorm needs two rows), batch <= the rows there are."""
     batch = min(cfg.data.batch_size, len(dataset)) if train else cfg.data.batch_size
+    workers = min(cfg.data.num_workers, usable_cpus())
     return DataLoader(dataset, batch_size=max(1, batch), sampler=sampler, shuffle=False, drop_last=train,
-                      num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=sampler is not None and cfg.data.num_workers > 0,
-                      generator=torch.Generator())
+                      num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=sampler is not None and workers > 0, generator=torch.Generator())
 
 
 def _sample(dataset: ShardDataset, n: int) -> Dataset:
