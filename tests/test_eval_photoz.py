@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import runpy
 import shutil
-import subprocess
 import sys
 
 import h5py
@@ -116,16 +116,20 @@ def test_finetune_with_ebv_augment_and_label_fraction(packed_mock, encoder_path,
     assert not (tmp_path / "ft" / "plots").exists()
 
 
-def test_scratch_from_the_checkpoint_architecture_via_the_script(packed_mock, encoder_path, tmp_path):
+def test_scratch_from_the_checkpoint_architecture_via_the_script(packed_mock, encoder_path, tmp_path, monkeypatch,
+                                                                 capsys):
     """``python eval_specz.py`` (the thin script) runs scratch: random weights, the checkpoint's network."""
     out = tmp_path / "scratch"
-    proc = subprocess.run([sys.executable, str(REPO / "eval_specz.py"), "--config", "config/eval_specz.yaml",
-                           *tiny(packed_mock, out, f"ckpt={encoder_path}", "protocol=scratch", "optim.epochs=1",
-                                 "plots=false")], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["eval_specz.py", "--config", "config/eval_specz.yaml",
+                                      *tiny(packed_mock, out, f"ckpt={encoder_path}", "protocol=scratch",
+                                            "optim.epochs=1", "plots=false")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "eval_specz.py"), run_name="__main__")
+    assert exit_info.value.code == 0
     m = json.loads((out / "metrics.json").read_text())
     assert (m["protocol"], m["encoder_source"], m["arch"], m["stem"]) == ("scratch", "random", "resnet18", "imagenet")
-    assert "eval-specz: scratch with" in proc.stdout
+    assert "eval-specz: scratch with" in capsys.readouterr().out
 
 
 def test_interrupted_run_resumes_to_the_same_result(packed_mock, encoder_path, tmp_path, monkeypatch):
