@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import statistics
 import time
 
@@ -30,6 +28,7 @@ from skimage.transform import AffineTransform, warp
 
 from sslsky.augment import FWHM_PER_SIGMA, AstroAugment
 from sslsky.config import AugmentConfig
+from sslsky.machine import describe_machine
 from sslsky.surveys import EBV_LOGNORMAL, SURVEYS
 
 SURVEY = SURVEYS["sdss"]
@@ -37,17 +36,8 @@ TARGET_SPEEDUP = 10.0
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
-    except OSError:
-        model = platform.processor() or model
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{model}; {os.cpu_count()} cores ({usable} usable); load average {load}\n"
-            f"torch {torch.__version__} (default {torch.get_num_threads()} threads), numpy {np.__version__}, "
-            f"scipy {scipy.__version__}, scikit-image {skimage.__version__}")
+    return (f"{describe_machine()}\nnumpy {np.__version__}, scipy {scipy.__version__}, "
+            f"scikit-image {skimage.__version__}")
 
 
 def mock_cutouts(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

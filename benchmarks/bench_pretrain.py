@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,23 +29,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sslsky.machine import describe_machine  # noqa: E402
 from sslsky.models import MoCo  # noqa: E402
 from sslsky.train.pretrain import METRICS_FILE  # noqa: E402
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-    if torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name()}"
-    return text
 
 
 def sslsky(*args: str) -> None:
@@ -123,7 +107,7 @@ def main() -> None:
     gpu = device.type == "cuda"
     batch = args.batch or (256 if gpu else 32)
     steps = args.steps or (50 if gpu else (2 if args.quick else 5))
-    print(f"bench_pretrain on {machine()}, device {device}, {torch.get_num_threads()} threads")
+    print(f"bench_pretrain on {describe_machine()}, device {device}, {torch.get_num_threads()} threads")
 
     if not args.skip_split:
         with tempfile.TemporaryDirectory() as tmp:
