@@ -231,7 +231,8 @@ class Backbone:
 
 
 def data_survey_name(cfg: SupervisedEvalConfig, attrs: dict, ckpt_survey: str | None = None) -> str:
-    name = cfg.data.survey or ckpt_survey or attrs.get("survey") or ""
+    """The survey of the images (its extinction coefficients redden them): config, manifest, then checkpoint."""
+    name = cfg.data.survey or attrs.get("survey") or ckpt_survey or ""
     if not name:
         raise ConfigError(f"the data in {cfg.data.path!r} do not say their survey (legacy HDF5?); "
                           f"set data.survey=sdss or data.survey=decals")
@@ -291,7 +292,8 @@ class LightAugment(nn.Module):
     """Training-time views for fine-tuning: random flip + rot90 (exact), then Galactic reddening.
 
     ``forward(crops (B, C, n, n) fluxes, ebv (B,)) -> (crops, ebv_shown (B,))``: ebv_shown is the drawn
-    E(B-V) (the catalog one where it is unknown, or without reddening).
+    E(B-V) the crop now shows (the catalog one when reddening is off). A crop whose catalog E(B-V) is NaN
+    cannot be de-reddened and is left as it is (``use_ebv`` refuses such rows).
     """
 
     def __init__(self, extinction: tuple[float, ...] | None):
