@@ -80,6 +80,8 @@ class ModelConfig:
     temperature: float = 0.2  # InfoNCE temperature T
     mlp: bool = True  # MoCo v2 2-layer MLP head (hidden = encoder feature dim); false: one linear layer (v1)
     bn: str = "shuffle"  # shuffle: shuffled BN across ranks (local shuffle on one process) | syncbn (GPU only)
+    byol_hidden: int = 4096  # byol/hybrid: hidden width of the projector and predictor MLPs (Grill et al. 2020)
+    byol_base_momentum: float = 0.99  # byol/hybrid: target EMA momentum, cosine from this to 1 over optim.total_steps
 
 
 @dataclasses.dataclass
@@ -156,17 +158,50 @@ class OptimConfig:
     warmup_steps: int = 2_000
 
 
+def _default_vote_questions() -> list[VoteQuestionConfig]:
+    """The GZ2-like tree of :data:`sslsky.data.votes.VOTE_TREE` (the mock's votes), as config."""
+    from sslsky.data.votes import VOTE_TREE
+
+    return [VoteQuestionConfig(q.name, list(q.answers), list(q.parent or ())) for q in VOTE_TREE]
+
+
+@dataclasses.dataclass
+class VoteQuestionConfig:
+    """One decision-tree question: its answers and the answer a volunteer must have chosen to be asked it."""
+
+    name: str = ""
+    answers: list[str] = dataclasses.field(default_factory=list)
+    parent: list[str] = dataclasses.field(default_factory=list)  # [question, answer] leading here; []: asked of all
+
+
+@dataclasses.dataclass
+class VoteCampaignConfig:
+    """One volunteer campaign (one decision tree); its counts are the catalog columns <prefix><question>_<answer>."""
+
+    prefix: str = "votes_"  # must start with votes_ (pack keeps only those columns); one per campaign
+    questions: list[VoteQuestionConfig] = dataclasses.field(default_factory=_default_vote_questions)
+
+
+@dataclasses.dataclass
+class VotesConfig:
+    """Volunteer vote counts (method=hybrid): the campaigns' trees and the weight of the vote loss."""
+
+    campaigns: list[VoteCampaignConfig] = dataclasses.field(default_factory=lambda: [VoteCampaignConfig()])
+    weight: float = 1.0  # w in L = L_BYOL + w (|L_BYOL| / L_votes).detach() L_votes (Walmsley et al. 2022)
+
+
 @dataclasses.dataclass
 class PretrainConfig:
     """``sslsky pretrain``: self-supervised pretraining on packed shards (DDP, resumable)."""
 
-    method: str = "moco"  # moco (MoCo v2)
+    method: str = "moco"  # moco (MoCo v2) | byol (BYOL) | hybrid (BYOL + Dirichlet-multinomial vote loss)
     run_dir: str = "runs/pretrain"  # checkpoints/, metrics.jsonl, config.yaml, encoder.pt; a restart resumes here
     seed: int = 0
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    votes: VotesConfig = dataclasses.field(default_factory=VotesConfig)  # method=hybrid only
     device: str = "auto"  # auto (cuda if available) | cuda | cpu
     amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none
     channels_last: bool = True  # NHWC memory format (faster convolutions on GPU)

@@ -41,3 +41,62 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
         loss = F.cross_entropy(logits, labels)
         top1 = (logits.argmax(dim=1) == 0).float().mean()
     return loss, top1
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL regression loss (Grill et al. 2020): ``mean_i (2 - 2 cos(p_i, z_i))`` = mean squared distance of the
+    L2-normalised vectors.
+
+    Args:
+        p: ``(B, D)`` online predictions (gradients flow through these).
+        z: ``(B, D)`` target projections of the other view (treated as constants).
+
+    Returns:
+        scalar float32 loss in [0, 4] (autocast off).
+    """
+    if p.dim() != 2 or p.shape != z.shape or p.shape[0] == 0:
+        raise ValueError(f"p and z must both be (B, D) with B >= 1; got p {tuple(p.shape)} and z {tuple(z.shape)}")
+    with torch.autocast(p.device.type, enabled=False):
+        cos = (F.normalize(p.float(), dim=1) * F.normalize(z.detach().float(), dim=1)).sum(dim=1)
+        return (2.0 - 2.0 * cos).mean()
+
+
+def dirichlet_multinomial_nll(concentrations: torch.Tensor, counts: torch.Tensor, question_slices,
+                              reduction: str = "mean") -> torch.Tensor:
+    """Dirichlet-multinomial negative log-likelihood of volunteer vote counts (Walmsley et al. 2022).
+
+    For each question q with answer columns ``s``, total votes ``N = sum_s k_s`` and ``a0 = sum_s a_s``::
+
+        -log p(k | a) = -[ lgamma(N + 1) - sum_s lgamma(k_s + 1) + lgamma(a0) - lgamma(N + a0)
+                           + sum_s (lgamma(k_s + a_s) - lgamma(a_s)) ]
+
+    summed over the questions; a question with N = 0 (never asked of this galaxy) contributes exactly 0,
+    so a galaxy with no votes at all has loss 0.
+
+    Args:
+        concentrations: ``(B, A)`` Dirichlet concentrations > 0 (the vote head gives them in (1, 101)).
+        counts: ``(B, A)`` vote counts (any int or float dtype), >= 0.
+        question_slices: Q column ranges of the questions, as ``(start, stop)`` pairs or ``slice`` objects.
+        reduction: ``"mean"`` over the B galaxies (those without votes count, with 0), or ``"none"``: ``(B,)``.
+
+    Returns:
+        scalar (or ``(B,)``) float32 loss, autocast off.
+    """
+    if concentrations.dim() != 2 or concentrations.shape != counts.shape:
+        raise ValueError(f"concentrations and counts must both be (B, A); got {tuple(concentrations.shape)} and "
+                         f"{tuple(counts.shape)}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    slices = [s if isinstance(s, slice) else slice(*s) for s in question_slices]
+    if not slices:
+        raise ValueError("question_slices is empty")
+    with torch.autocast(concentrations.device.type, enabled=False):
+        alpha, k = concentrations.float(), counts.detach().float()
+        total = torch.zeros(alpha.shape[0], dtype=torch.float32, device=alpha.device)  # (B,)
+        for s in slices:
+            a_q, k_q = alpha[:, s], k[:, s]  # (B, A_q)
+            n, a0 = k_q.sum(dim=1), a_q.sum(dim=1)  # (B,)
+            log_p = (torch.lgamma(n + 1) - torch.lgamma(k_q + 1).sum(dim=1) + torch.lgamma(a0) - torch.lgamma(n + a0)
+                     + (torch.lgamma(k_q + a_q) - torch.lgamma(a_q)).sum(dim=1))
+            total = total + torch.where(n > 0, -log_p, torch.zeros_like(log_p))
+        return total.mean() if reduction == "mean" else total

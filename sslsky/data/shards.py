@@ -2,6 +2,7 @@
 
     ds = ShardDataset("packed/", split="train")
     item = ds[0]   # {"image": (C, H, W) float32 tensor, "object_id", "z", "ebv", "morph_class", "index"}
+                   # + "votes": (A,) int32 counts when the shards have them (ds.vote_columns names them)
 
 Small per-row columns are read once into memory when the dataset is built;
 image files are opened lazily, once per worker process, so the dataset can
@@ -30,7 +31,14 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
-from sslsky.data.schema import LEGACY_LAYOUT, MANIFEST_NAME, OPTIONAL_COLUMNS, PER_BAND_COLUMNS
+from sslsky.data.schema import (
+    LEGACY_LAYOUT,
+    MANIFEST_NAME,
+    OPTIONAL_COLUMNS,
+    PER_BAND_COLUMNS,
+    VOTES_COLUMNS_ATTR,
+    VOTES_DATASET,
+)
 from sslsky.data.splits import DEFAULT_FRACTIONS, label_subset, split_mask
 
 #: Per-row columns a dataset item carries besides the image.
@@ -52,6 +60,7 @@ class ShardIndex:
     image_key: str = "images"
     channels_last: bool = False  # legacy files store (N, H, W, C)
     attrs: dict = field(default_factory=dict)
+    vote_columns: list[str] = field(default_factory=list)  # names of the columns of columns["votes"] (N, A)
 
     @property
     def offsets(self) -> np.ndarray:
@@ -118,6 +127,7 @@ def index_shards(source: str | os.PathLike) -> ShardIndex:
             raise ValueError(f"{source}: the manifest lists no shards (was every cutout rejected? see rejected.csv)")
         attrs = {k: v for k, v in manifest.items() if k not in ("shards", "config")}
     rows, parts = [], {name: [] for name in ITEM_COLUMNS + PER_BAND_COLUMNS}
+    vote_parts: list[tuple[list[str], np.ndarray, Path]] = []
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"shard {path} in the manifest is missing; re-run `sslsky pack` to rebuild it")
@@ -128,11 +138,25 @@ def index_shards(source: str | os.PathLike) -> ShardIndex:
             for name in PER_BAND_COLUMNS:  # the image's own PSF and noise, (N, C), when the shards carry them
                 if name in handle:
                     parts[name].append(handle[name][()].astype(np.float32))
+            if VOTES_DATASET in handle:  # (N, A) counts with their catalog column names
+                names = [c.decode() if isinstance(c, bytes) else str(c)
+                         for c in handle[VOTES_DATASET].attrs.get(VOTES_COLUMNS_ATTR, [])]
+                vote_parts.append((names, handle[VOTES_DATASET][()].astype(np.int32), path))
             if not attrs:
                 attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in handle.attrs.items()}
         rows.append(n)
     columns = {name: np.concatenate(values) for name, values in parts.items() if len(values) == len(paths)}
-    return ShardIndex(paths, np.asarray(rows, dtype=np.int64), columns, attrs=attrs)
+    vote_columns: list[str] = []
+    if vote_parts and len(vote_parts) == len(paths):  # every shard has votes: the first shard's column order
+        vote_columns = vote_parts[0][0]
+        matrices = []
+        for names, votes, path in vote_parts:
+            if sorted(names) != sorted(vote_columns) or len(names) != votes.shape[1]:
+                raise ValueError(f"shard {path} has vote columns {names}, the first shard {vote_columns}; "
+                                 f"re-pack all shards from one catalog")
+            matrices.append(votes[:, [names.index(c) for c in vote_columns]])
+        columns["votes"] = np.concatenate(matrices)
+    return ShardIndex(paths, np.asarray(rows, dtype=np.int64), columns, attrs=attrs, vote_columns=vote_columns)
 
 
 class _ImageReader:
@@ -183,11 +207,13 @@ class ShardDataset(Dataset):
         label_fraction: with ``label``, keep a seeded random fraction of the labelled rows.
         seed: seed of the label subset.
         transform: optional callable applied to the (C, H, W) image tensor.
+        vote_columns: the vote-count columns items carry as ``votes`` (A,), in this order (ValueError
+            naming the missing ones); None: every vote column of the shards, if they have any.
     """
 
     def __init__(self, source, split: str | None = None, split_fractions=DEFAULT_FRACTIONS,
                  label: str | None = None, label_fraction: float | None = None, seed: int = 0,
-                 transform=None):
+                 transform=None, vote_columns=None):
         self.source = Path(source)
         self.index = index_shards(source)
         self.offsets = self.index.offsets
@@ -205,6 +231,19 @@ class ShardDataset(Dataset):
         if label_fraction is not None and label_fraction < 1.0:
             self.indices = label_subset(self.indices, fraction=label_fraction, seed=seed)
         self.transform = transform
+        self.vote_columns: list[str] = list(self.index.vote_columns if vote_columns is None else vote_columns)
+        self.vote_counts: np.ndarray | None = None  # (N, A) int32 over all rows, columns as vote_columns
+        if vote_columns is not None:
+            missing = [c for c in self.vote_columns if c not in self.index.vote_columns]
+            if missing:
+                have = f"has {len(self.index.vote_columns)} other vote columns" if self.index.vote_columns else \
+                    "has no vote counts"
+                raise ValueError(f"{self.source} {have}; missing {missing[:4]}{'...' if len(missing) > 4 else ''} "
+                                 f"({len(missing)} of {len(self.vote_columns)}): pack a catalog with these "
+                                 f"votes_* columns, or declare the campaigns' trees to match the catalog")
+        if self.vote_columns:
+            order = [self.index.vote_columns.index(c) for c in self.vote_columns]
+            self.vote_counts = np.ascontiguousarray(cols["votes"][:, order])
         self._readers: dict[int, _ImageReader] = {}
         self._pid = None
 
@@ -251,6 +290,8 @@ class ShardDataset(Dataset):
         for name in PER_BAND_COLUMNS:
             if name in cols:
                 item[name] = torch.from_numpy(cols[name][g])  # (C,)
+        if self.vote_counts is not None:
+            item["votes"] = torch.from_numpy(self.vote_counts[g])  # (A,)
         return item
 
     def __getitem__(self, i) -> dict:
@@ -293,6 +334,8 @@ class ShardDataset(Dataset):
         for name in PER_BAND_COLUMNS:
             if name in cols:
                 batch[name] = torch.from_numpy(np.ascontiguousarray(cols[name][rows]))
+        if self.vote_counts is not None:
+            batch["votes"] = torch.from_numpy(self.vote_counts[rows])  # (B, A) int32
         return batch
 
     def __getitems__(self, indices) -> list[dict]:

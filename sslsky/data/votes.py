@@ -160,3 +160,87 @@ def class_from_votes(votes: dict[str, np.ndarray]) -> np.ndarray:
                    np.where(edge[:, 0] > edge[:, 1], 3, np.where(bar[:, 0] > bar[:, 1], 4, 5)))
     cls = np.where(merging[:, 1:].sum(axis=1) > merging[:, 0], 6, cls)
     return np.where(sof.sum(axis=1) == 0, -1, cls)
+
+
+# ---------------------------------------------------------------------------
+# Vote schemas for training: one or more campaigns' trees as grouped count columns.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VoteSchema:
+    """Vote-count columns of one or more campaigns (decision trees), grouped per question.
+
+    Each campaign's counts are the columns ``<prefix><question>_<answer>``; campaigns with different
+    prefixes (``votes_gz2_``, ``votes_dr5_``) are separate questions even when their trees share names.
+
+    Attributes:
+        columns: the A count columns, question after question, answers in order.
+        questions: the Q questions as ``<prefix><question>``.
+        slices: Q ``(start, stop)`` column ranges, one per question.
+        parents: Q column index of the answer leading to each question (None: asked of everyone).
+    """
+
+    columns: tuple[str, ...]
+    questions: tuple[str, ...]
+    slices: tuple[tuple[int, int], ...]
+    parents: tuple[int | None, ...]
+
+    @property
+    def n_answers(self) -> int:
+        return len(self.columns)
+
+    @classmethod
+    def from_campaigns(cls, campaigns) -> VoteSchema:
+        """From objects with ``prefix`` and ``questions`` (each with ``name``, ``answers``, ``parent``).
+
+        ``parent`` is ``None``/empty or ``(question, answer)`` naming an earlier question of the same
+        campaign. ValueError (naming the campaign and question) on anything malformed.
+        """
+        if not campaigns:
+            raise ValueError("no vote campaigns: give at least one (votes.campaigns)")
+        columns: list[str] = []
+        questions: list[str] = []
+        slices: list[tuple[int, int]] = []
+        parents: list[int | None] = []
+        for c, campaign in enumerate(campaigns):
+            prefix = campaign.prefix
+            where = f"votes.campaigns[{c}] (prefix {prefix!r})"
+            if not prefix.startswith(VOTES_PREFIX):
+                raise ValueError(f"{where}: the prefix must start with {VOTES_PREFIX!r} (only such catalog columns are "
+                                 f"packed), e.g. {VOTES_PREFIX}gz2_")
+            if not campaign.questions:
+                raise ValueError(f"{where}: no questions")
+            answer_column: dict[tuple[str, str], int] = {}
+            for question in campaign.questions:
+                name, answers = question.name, list(question.answers)
+                if not name or any(name == n for n, _ in answer_column):
+                    raise ValueError(f"{where}: question name {name!r} is empty or repeated")
+                if len(answers) < 2 or len(set(answers)) != len(answers):
+                    raise ValueError(f"{where}: question {name!r} needs two or more distinct answers, got {answers}")
+                parent = tuple(question.parent) if question.parent else None
+                if parent is not None and (len(parent) != 2 or parent not in answer_column):
+                    raise ValueError(f"{where}: question {name!r} has parent {list(parent)}, which is not "
+                                     f"[question, answer] of an earlier question of this campaign")
+                parents.append(None if parent is None else answer_column[parent])
+                start = len(columns)
+                for answer in answers:
+                    answer_column[(name, answer)] = len(columns)
+                    columns.append(f"{prefix}{name}_{answer}")
+                slices.append((start, len(columns)))
+                questions.append(f"{prefix}{name}")
+        repeated = sorted({col for col in columns if columns.count(col) > 1})
+        if repeated:
+            raise ValueError(f"vote columns {repeated} appear in more than one campaign; give the campaigns "
+                             f"different prefixes")
+        return cls(tuple(columns), tuple(questions), tuple(slices), tuple(parents))
+
+
+def default_vote_schema() -> VoteSchema:
+    """The schema of :data:`VOTE_TREE` with the catalog prefix: the columns of :func:`vote_columns`."""
+    @dataclass
+    class _Campaign:
+        prefix: str
+        questions: tuple[Question, ...]
+
+    return VoteSchema.from_campaigns([_Campaign(VOTES_PREFIX, VOTE_TREE)])

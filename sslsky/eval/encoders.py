@@ -5,7 +5,8 @@ error that names the keys):
 
 - **sslsky**: ``encoder.pt`` written at the end of ``sslsky pretrain`` (``format: sslsky-encoder-v1``:
   encoder weights, arch, stem, bands, manifest statistics, augmentation config), or a training
-  checkpoint ``checkpoints/step-*.pt`` (``encoder_q.*`` weights and the run's config);
+  checkpoint ``checkpoints/step-*.pt`` (``encoder_q.*`` or BYOL's ``online_encoder.*`` weights and
+  the run's config);
 - **moco**: facebookresearch/moco ``checkpoint_*.pth.tar`` (``state_dict`` with
   ``module.encoder_q.*``; the projection head ``fc.*`` is dropped);
 - **ssl-sky-surveys**: Hayat et al. 2021 ``ckpt.tar`` (``model_state``, keys with or without
@@ -34,6 +35,8 @@ from sslsky.models.encoders import ARCHITECTURES, STEMS, build_encoder
 from sslsky.surveys import get_survey
 
 ENCODER_FORMAT = "sslsky-encoder-v1"
+#: Prefixes of the encoder to evaluate in an sslsky training checkpoint: MoCo's query encoder, BYOL's online one.
+CHECKPOINT_ENCODERS = ("encoder_q.", "online_encoder.")
 #: ResNet block counts per stage -> architecture, for reading foreign checkpoints.
 _BLOCKS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
            ("bottleneck", (3, 4, 6, 3)): "resnet50"}
@@ -115,8 +118,9 @@ def load_encoder(path: str | os.PathLike, stem: str | None = None, device: str |
         source, weights = "sslsky", state["encoder"]
         arch, file_stem = state["arch"], state["stem"]
         info = {k: state.get(k) for k in ("survey", "bands", "stats", "augment", "method")}
-    elif "model" in state and "config" in state and any(k.startswith("encoder_q.") for k in state["model"]):
-        source, weights = "sslsky-checkpoint", _strip(state["model"], "encoder_q.")
+    elif "model" in state and "config" in state and any(k.startswith(CHECKPOINT_ENCODERS) for k in state["model"]):
+        prefix = next(p for p in CHECKPOINT_ENCODERS if any(k.startswith(p) for k in state["model"]))
+        source, weights = "sslsky-checkpoint", _strip(state["model"], prefix)
         cfg = state["config"]
         arch, file_stem = cfg["model"]["arch"], cfg["model"]["stem"]
         info = {"augment": cfg.get("augment"), "method": cfg.get("method"), **state.get("data_info", {})}

@@ -1,4 +1,4 @@
-"""``sslsky pretrain``: MoCo v2 pretraining with DDP, on-device augmentation and exact resume.
+"""``sslsky pretrain``: MoCo v2, BYOL or hybrid (BYOL + votes) with DDP, on-device augmentation, exact resume.
 
 Reads top to bottom: set-up (distributed, data, augmentation, model,
 optimizer), restore from the run directory, then the step loop
@@ -27,19 +27,20 @@ from sslsky.augment import AstroAugment
 from sslsky.config import ConfigError, PretrainConfig, config_to_dict, write_config
 from sslsky.data.schema import PER_BAND_COLUMNS
 from sslsky.data.shards import ShardDataset, batch_loader
-from sslsky.models import MoCo
+from sslsky.data.votes import VoteSchema
+from sslsky.models import BYOL, HybridBYOL, MoCo
 from sslsky.surveys import Survey, get_survey
 from sslsky.train import dist
 from sslsky.train.checkpoint import CHECKPOINT_PATTERN, load_latest, save_checkpoint
 from sslsky.train.preempt import PreemptionFlag, requeue_slurm_job
 from sslsky.train.sampler import ResumableDistributedSampler
-from sslsky.train.schedules import scaled_lr, warmup_cosine
+from sslsky.train.schedules import cosine_momentum, scaled_lr, warmup_cosine
 
 ENCODER_EXPORT = "encoder.pt"
 METRICS_FILE = "metrics.jsonl"
 
 
-METHODS = ("moco",)
+METHODS = ("moco", "byol", "hybrid")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -89,10 +90,24 @@ def build_augment(cfg: PretrainConfig, survey: Survey, dataset: ShardDataset) ->
     return BatchAugment(augment)
 
 
+def vote_schema(cfg: PretrainConfig) -> VoteSchema | None:
+    """The vote columns of ``votes.campaigns`` for method=hybrid (None for the other methods)."""
+    if cfg.method != "hybrid":
+        return None
+    try:
+        return VoteSchema.from_campaigns(cfg.votes.campaigns)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def build_model(cfg: PretrainConfig, n_bands: int) -> nn.Module:
     if cfg.method not in METHODS:
         raise ConfigError(f"method={cfg.method!r}: choose one of {', '.join(METHODS)}")
     try:
+        if cfg.method == "byol":
+            return BYOL.from_config(cfg.model, n_bands)
+        if cfg.method == "hybrid":
+            return HybridBYOL.from_config(cfg.model, n_bands, vote_schema(cfg).slices, cfg.votes.weight)
         return MoCo.from_config(cfg.model, n_bands)
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -137,6 +152,8 @@ def batch_to_device(batch: dict, device: torch.device, channels_last: bool) -> d
     for name in PER_BAND_COLUMNS:
         if name in batch:
             out[name] = batch[name].to(device, non_blocking=True)
+    if "votes" in batch:
+        out["votes"] = batch["votes"].to(device, non_blocking=True)  # (B, A) counts
     return out
 
 
@@ -220,7 +237,15 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag) -> int:
 
     if not cfg.data.path:
         raise ConfigError("data.path is empty: point it at a packed folder (sslsky pack --out ...)")
-    train_set = ShardDataset(cfg.data.path, split="train")
+    schema = vote_schema(cfg)  # hybrid: the items carry these vote columns
+    try:
+        train_set = ShardDataset(cfg.data.path, split="train", vote_columns=schema and schema.columns)
+    except ValueError as err:
+        raise ConfigError(f"{err} (votes.campaigns)") from None
+    if schema is not None and main:
+        labelled = int((train_set.vote_counts[train_set.indices].sum(axis=1) > 0).sum())
+        print(f"pretrain: hybrid on {len(schema.questions)} questions / {schema.n_answers} answers; {labelled} of "
+              f"{len(train_set)} training galaxies have votes", flush=True)
     val_set = ShardDataset(cfg.data.path, split="val")
     survey = data_survey(cfg, train_set.attrs)
     augment = build_augment(cfg, survey, train_set).to(device)
@@ -336,8 +361,10 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag) -> int:
             lr = warmup_cosine(step, peak_lr, cfg.optim.total_steps, cfg.optim.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if cfg.method in ("byol", "hybrid"):  # the EMA schedule is a function of the step: exact resume
+                model.momentum = cosine_momentum(step, cfg.model.byol_base_momentum, cfg.optim.total_steps)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, acc = net(view_q, view_k)
+                loss, acc = net(view_q, view_k, b["votes"]) if cfg.method == "hybrid" else net(view_q, view_k)
             if agree_any(not bool(torch.isfinite(loss.detach())), device):  # every rank stops together
                 raise TrainingDivergedError(
                     f"loss is not finite (rank {rank}: {loss.item()}) at step {step} (lr {lr:.4g}); lower "
@@ -364,6 +391,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag) -> int:
             if step % cfg.log_every == 0 or step == cfg.optim.total_steps:
                 elapsed = time.perf_counter() - window_start
                 log.write({"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(), "acc": acc.item(),
+                           **{k: float(v) for k, v in getattr(model, "terms", {}).items()},  # hybrid loss terms
                            "lr": lr, "images_per_s": window_steps * global_batch / elapsed,
                            **{f"time_{k}": v / window_steps for k, v in timers.items()}})
                 timers = dict.fromkeys(timers, 0.0)
