@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import tiny_pretrain_args
-from scipy.special import gammaln
 from torch import nn
 
 from sslsky.config import ModelConfig, PretrainConfig, VoteCampaignConfig, VoteQuestionConfig, load_config
@@ -65,6 +63,8 @@ def test_bad_schemas_are_explained(campaigns, match):
 
 def numpy_dm_nll(alpha: np.ndarray, counts: np.ndarray, slices) -> np.ndarray:
     """(B,) sum over questions of -log DirMult(counts | alpha), questions without votes skipped."""
+    from scipy.special import gammaln
+
     out = np.zeros(len(alpha))
     for i in range(len(alpha)):
         for start, stop in slices:
@@ -289,6 +289,8 @@ TINY_STEPS = ("optim.total_steps=4", "checkpoint_every=2", "val_every=4", "log_e
 
 @pytest.fixture(scope="module", params=["byol", "hybrid"])
 def tiny_run(request, packed_mock, tmp_path_factory) -> TinyRun:
+    from conftest import tiny_pretrain_args  # imported here: the gloo workers import this module, keep it light
+
     from sslsky.cli import main
 
     run_dir = tmp_path_factory.mktemp(request.param) / "run"
@@ -321,6 +323,8 @@ def test_tiny_run_checkpoints_exports_and_logs(tiny_run, packed_mock):
 def test_tiny_run_resumes_exactly_from_its_middle_checkpoint(tiny_run, packed_mock, tmp_path):
     if tiny_run.method != "hybrid":
         pytest.skip("byol resumes through the same code (the hybrid run covers it)")
+    from conftest import tiny_pretrain_args
+
     from sslsky.cli import main
     from sslsky.train.checkpoint import load_checkpoint
 
@@ -333,3 +337,15 @@ def test_tiny_run_resumes_exactly_from_its_middle_checkpoint(tiny_run, packed_mo
     b = load_checkpoint(run_dir / "checkpoints" / "step-00000004.pt")
     for name, tensor in a["model"].items():  # online, target (EMA from the step's momentum), heads, BN buffers
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_hybrid_on_shards_without_the_configured_votes_is_a_config_error(packed_mock, tmp_path, capsys):
+    from conftest import tiny_pretrain_args
+
+    from sslsky.cli import main
+
+    rc = main(tiny_pretrain_args(packed_mock, tmp_path / "run", "method=hybrid",
+                                 "votes.campaigns=[{prefix: votes_dr5_}]"))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "votes_dr5_smooth-or-featured_smooth" in err and "votes.campaigns" in err
