@@ -35,7 +35,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from sslsky.train.pretrain import TrainingDivergedError, run_pretrain
 
     try:
-        return run_pretrain(cfg)
+        return run_pretrain(cfg, command=["sslsky", *args.argv])
     except TrainingDivergedError as err:
         print(f"sslsky pretrain: stopped: {err}", file=sys.stderr, flush=True)
         return 4
@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # what was asked for, recorded next to outputs (e.g. the run's command.txt)
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:

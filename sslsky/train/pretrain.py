@@ -137,12 +137,12 @@ def git_sha() -> str:
         return "unknown"
 
 
-def record_run(run_dir: Path, cfg: PretrainConfig) -> None:
+def record_run(run_dir: Path, cfg: PretrainConfig, command: list[str] | None = None) -> None:
     """Resolved config, exact command and git SHA in the run directory (rank 0)."""
     write_config(cfg, run_dir / "config.yaml")
     with open(run_dir / "command.txt", "a") as handle:
         handle.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} git {git_sha()} "
-                     f"job {os.environ.get('SLURM_JOB_ID', '-')}: {shlex.join(sys.argv)}\n")
+                     f"job {os.environ.get('SLURM_JOB_ID', '-')}: {shlex.join(command or sys.argv)}\n")
 
 
 def batch_to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
@@ -213,17 +213,17 @@ def contrastive_top1(model, augment, loader, device, channels_last, batches: int
     return hits / max(1, total)
 
 
-def run_pretrain(cfg: PretrainConfig) -> int:
+def run_pretrain(cfg: PretrainConfig, command: list[str] | None = None) -> int:
     """Train (or resume) as configured; 0 when finished or checkpointed on a stop signal."""
     preempt = PreemptionFlag()  # USR2 / SIGTERM only set a flag from here on
     try:
-        return _run(cfg, preempt)
+        return _run(cfg, preempt, command)
     finally:
         preempt.close()
         dist.cleanup()
 
 
-def _run(cfg: PretrainConfig, preempt: PreemptionFlag) -> int:
+def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None = None) -> int:
     # ---- set-up ---------------------------------------------------------------------------
     env = dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
@@ -232,7 +232,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag) -> int:
     run_dir = Path(cfg.run_dir)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        record_run(run_dir, cfg)
+        record_run(run_dir, cfg, command)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
     if not cfg.data.path:
