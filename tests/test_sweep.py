@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from conftest import REPO, tiny_pretrain_args
 
 from sslsky.cli import main
 from sslsky.config import SweepConfig, load_config
-from sslsky.eval.sweep import RESULTS_NAME, cells, summarize
+from sslsky.eval.sweep import RESULTS_NAME, cells, pending, summarize
 
 #: Every task of these sweeps trains for one epoch of a tiny head on CPU.
 TINY = ["overrides=[optim.epochs=1, data.batch_size=16, data.num_workers=0, plots=false, progress=false, "
@@ -81,6 +82,45 @@ def test_local_sweep_runs_every_cell_once_and_collects(encoder, packed_mock, tmp
     assert main(args) == 0
     assert "task(s) to run" not in capsys.readouterr().out
     assert read_results(out) == rows
+
+
+def test_stale_cells_run_again_after_a_new_encoder_or_new_overrides(encoder, packed_mock, tmp_path, capsys):
+    import torch
+
+    ckpt = tmp_path / "encoder.pt"
+    shutil.copy(encoder, ckpt)
+    out = tmp_path / "sweep"
+    grid = ["executor=local", "tasks=[morph]", "protocols=[linear]", "label_fractions=[1.0]", "seeds=[0]"]
+    args = sweep_args(ckpt, packed_mock, out, *grid)
+    assert main(args) == 0
+    metrics_path = out / "morph" / "linear" / "frac1" / "seed0" / "metrics.json"
+    first = json.loads(metrics_path.read_text())
+
+    def sweep_config(*extra: str) -> SweepConfig:
+        return load_config(SweepConfig, REPO / "config" / "sweep_labelfrac.yaml", [*args[3:], *extra])
+
+    todo, done = pending(sweep_config(), out)
+    assert todo == [] and len(done) == 1
+    # The encoder is pretrained again at the same path: the cell is stale and runs again.
+    state = torch.load(ckpt, weights_only=True)
+    weights = state["encoder"]
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.dim() == 4)
+    weights[name] = weights[name] + 0.05
+    torch.save(state, ckpt)
+    todo, done = pending(sweep_config(), out)
+    assert [c.folder(out) / "metrics.json" for c in todo] == [metrics_path] and done == []
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "1 finished cell(s) were made with another config or checkpoint" in capsys.readouterr().out
+    second = json.loads(metrics_path.read_text())
+    assert second["ckpt_sha256"] != first["ckpt_sha256"] and second["config"] == first["config"]
+    # Other overrides (two epochs): stale again; the rerun records the new config.
+    more = "overrides=[optim.epochs=2, data.batch_size=16, data.num_workers=0, plots=false, progress=false, device=cpu]"
+    assert len(pending(sweep_config(more), out)[0]) == 1
+    assert main([*args, more]) == 0
+    third = json.loads(metrics_path.read_text())
+    assert third["config"]["optim"]["epochs"] == 2 and third["ckpt_sha256"] == second["ckpt_sha256"]
+    assert pending(sweep_config(more), out)[0] == []
 
 
 @pytest.mark.slurm

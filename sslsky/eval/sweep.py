@@ -3,9 +3,11 @@
 The grid is task (specz, morph) x protocol (linear, finetune, scratch; knn for morph) x label fraction
 x seed. Each cell is one call of :func:`sslsky.eval.photoz.run_specz` or
 :func:`sslsky.eval.morphology.run_morph` with the task's base config plus the cell's overrides, writing
-``OUT/<task>/<protocol>/frac<f>/seed<s>/metrics.json``. Cells whose metrics exist are not submitted
-again, and the task functions themselves return existing results, so a sweep can be re-run after a
-failure or with more seeds at no cost for what is done.
+``OUT/<task>/<protocol>/frac<f>/seed<s>/metrics.json``. A cell is done when its ``metrics.json`` was made
+with the cell's resolved config and the same checkpoint bytes (:func:`sslsky.train.finetune.finished_metrics`,
+the test the task functions themselves apply); done cells are not submitted again, so a sweep can be re-run
+after a failure or with more seeds at no cost for what is done, while a re-pretrained encoder at the same
+``ckpt`` path or changed ``overrides`` make the stale cells run again.
 
 On a SLURM cluster (``executor: auto`` finds ``sbatch``) the cells go out as one job array with the
 resources of ``slurm.*``; a task that reaches its time limit is requeued by submitit
@@ -82,21 +84,29 @@ def task_overrides(cfg: SweepConfig, cell: Cell, out: Path) -> list[str]:
             f"seed={cell.seed}", f"out={cell.folder(out)}", f"ckpt={cfg.ckpt}", f"data.path={cfg.data_path}"]
 
 
+def task_config(task: str, base_config: str, overrides: list[str]):
+    """The resolved config of one cell: the task's schema, its base config file, then the cell's overrides."""
+    from sslsky import config as config_module
+    from sslsky.config import load_config
+
+    return load_config(getattr(config_module, TASKS[task][2]), base_config or None, overrides)
+
+
 class SweepTask:
     """What one array task runs (picklable); submitit calls :meth:`checkpoint` at a timeout and requeues."""
 
     def __init__(self, task: str, base_config: str, overrides: list[str]):
         self.task, self.base_config, self.overrides = task, base_config, overrides
 
+    def config(self):
+        """The resolved config the task function gets."""
+        return task_config(self.task, self.base_config, self.overrides)
+
     def __call__(self) -> dict:
         import importlib
 
-        from sslsky import config as config_module
-        from sslsky.config import load_config
-
-        module, function, schema, _ = TASKS[self.task]
-        cfg = load_config(getattr(config_module, schema), self.base_config or None, self.overrides)
-        return getattr(importlib.import_module(module), function)(cfg)
+        module, function, _, _ = TASKS[self.task]
+        return getattr(importlib.import_module(module), function)(self.config())
 
     def checkpoint(self, *args, **kwargs):
         """Requeue the same task: finished cells are skipped by the task itself."""
@@ -105,12 +115,27 @@ class SweepTask:
         return submitit.helpers.DelayedSubmission(SweepTask(self.task, self.base_config, self.overrides))
 
 
+def is_done(cfg: SweepConfig, cell: Cell, out: Path) -> bool:
+    """Whether the cell's ``metrics.json`` exists and was made with its resolved config and checkpoint bytes."""
+    from sslsky.train.finetune import finished_metrics
+
+    folder = cell.folder(out)
+    if not (folder / METRICS_NAME).is_file():
+        return False
+    return finished_metrics(folder, make_task(cfg, cell, out).config(), verbose=False) is not None
+
+
 def pending(cfg: SweepConfig, out: Path) -> tuple[list[Cell], list[Cell]]:
-    """(cells to run, cells already done)."""
+    """(cells to run, cells already done); a cell to run whose ``metrics.json`` exists is stale."""
     todo, done = [], []
     for cell in cells(cfg):
-        (done if (cell.folder(out) / METRICS_NAME).exists() else todo).append(cell)
+        (done if is_done(cfg, cell, out) else todo).append(cell)
     return todo, done
+
+
+def is_stale(cell: Cell, out: Path) -> bool:
+    """A cell to run that has a ``metrics.json`` (another config or checkpoint made it)."""
+    return (cell.folder(out) / METRICS_NAME).is_file()
 
 
 def make_task(cfg: SweepConfig, cell: Cell, out: Path) -> SweepTask:
@@ -171,10 +196,14 @@ def run_sweep(cfg: SweepConfig, collect_only: bool = False) -> int:
     from sslsky.config import write_config
 
     write_config(cfg, out / "sweep_config.yaml")
-    todo, done = pending(cfg, out)
+    todo, done = pending(cfg, out) if not collect_only else ([], [])
     failed: list[tuple[Cell, str]] = []
     if not collect_only and todo:
         tasks = [make_task(cfg, cell, out) for cell in todo]
+        stale = sum(is_stale(cell, out) for cell in todo)
+        if stale:
+            print(f"sweep: {stale} finished cell(s) were made with another config or checkpoint ({cfg.ckpt}); "
+                  f"they run again", flush=True)
         print(f"sweep: {len(todo)} task(s) to run, {len(done)} already done -> {out}", flush=True)
         if use_slurm(cfg):
             jobs = submit_slurm(cfg, tasks, out)
@@ -198,10 +227,14 @@ def run_sweep(cfg: SweepConfig, collect_only: bool = False) -> int:
                 except Exception as err:  # noqa: BLE001 (one failed cell must not lose the others)
                     failed.append((cell, f"{type(err).__name__}: {err}"))
     rows = collect(out)
-    missing = [c for c in cells(cfg) if not (c.folder(out) / METRICS_NAME).exists()] if not collect_only else []
+    missing = pending(cfg, out)[0] if not collect_only else []
     for cell, reason in failed:
         print(f"sweep: FAILED {cell.task} {cell.protocol} fraction {cell.label_fraction:g} seed {cell.seed}: {reason}",
               file=sys.stderr, flush=True)
+    for cell in missing:
+        if cell not in {c for c, _ in failed}:
+            print(f"sweep: no up-to-date {METRICS_NAME} for {cell.task} {cell.protocol} fraction "
+                  f"{cell.label_fraction:g} seed {cell.seed} in {cell.folder(out)}", file=sys.stderr, flush=True)
     print(f"sweep: {len(rows)} result(s) in {out / RESULTS_NAME}", flush=True)
     return 1 if (failed or missing) else 0
 

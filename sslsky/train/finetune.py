@@ -33,12 +33,14 @@ Resume: after every epoch the training state goes atomically to ``OUT/train_stat
 with the same config and checkpoint (SHA-256) continues from there (a SLURM requeue loses at most one epoch).
 The file is removed when the task finishes.
 
-Helpers for the task modules: :func:`finished_metrics` (the idempotence check) and :func:`write_json`.
+Helpers for the task modules: :func:`finished_metrics` (the idempotence check, also used by the sweep to find
+stale cells), :func:`checkpoint_sha256` (cached per file version) and :func:`write_json`.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -100,8 +102,24 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def finished_metrics(out: str | os.PathLike, cfg) -> dict | None:
-    """The metrics of a finished task in ``out`` with the same resolved config (and checkpoint bytes), else None."""
+@functools.lru_cache(maxsize=64)
+def _sha256_of_version(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """:func:`file_sha256`, cached per file version (path, inode, size, mtime): a sweep checking 100 cells
+    against one checkpoint hashes it once, and a checkpoint rewritten in place is hashed again."""
+    path = os.path.realpath(path)
+    st = os.stat(path)
+    return _sha256_of_version(path, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def finished_metrics(out: str | os.PathLike, cfg, verbose: bool = True) -> dict | None:
+    """The metrics of a finished task in ``out`` with the same resolved config (and checkpoint bytes), else None.
+
+    ``verbose``: say why existing metrics are not used (the sweep counts them instead).
+    """
     path = Path(out) / METRICS_FILE
     if not path.is_file():
         return None
@@ -110,10 +128,12 @@ def finished_metrics(out: str | os.PathLike, cfg) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     if _comparable(metrics.get("config") or {}) != _comparable(config_to_dict(cfg)):
-        print(f"eval: {path} was made with another config; running again", flush=True)
+        if verbose:
+            print(f"eval: {path} was made with another config; running again", flush=True)
         return None
-    if cfg.ckpt and (not Path(cfg.ckpt).is_file() or metrics.get("ckpt_sha256") != file_sha256(cfg.ckpt)):
-        print(f"eval: {path} was made from another {cfg.ckpt}; running again", flush=True)
+    if cfg.ckpt and (not Path(cfg.ckpt).is_file() or metrics.get("ckpt_sha256") != checkpoint_sha256(cfg.ckpt)):
+        if verbose:
+            print(f"eval: {path} was made from another {cfg.ckpt}; running again", flush=True)
         return None
     return metrics
 
@@ -594,7 +614,7 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
     best = {"score": math.inf, "epoch": 0, "state": None}
     start_epoch, bad_epochs, train_time = 0, 0, 0.0
     state_path = out / TRAIN_STATE
-    ckpt_sha = file_sha256(cfg.ckpt) if cfg.ckpt else None
+    ckpt_sha = checkpoint_sha256(cfg.ckpt) if cfg.ckpt else None
     if state_path.is_file():
         state = load_checkpoint(state_path)
         if (_comparable(state.get("config") or {}) == _comparable(config_to_dict(cfg))
