@@ -88,8 +88,7 @@ def cmd_eval_specz(args: argparse.Namespace) -> int:
     cfg = load_config(EvalSpeczConfig, args.config, args.overrides)
     from sslsky.eval.photoz import run_specz
 
-    run_specz(cfg)
-    return 0
+    return _run_eval("eval-specz", run_specz, cfg)
 
 
 def cmd_eval_morph(args: argparse.Namespace) -> int:
@@ -98,7 +97,16 @@ def cmd_eval_morph(args: argparse.Namespace) -> int:
     cfg = load_config(EvalMorphConfig, args.config, args.overrides)
     from sslsky.eval.morphology import run_morph
 
-    run_morph(cfg)
+    return _run_eval("eval-morph", run_morph, cfg)
+
+
+def _run_eval(name: str, function, cfg) -> int:
+    """Run an evaluation; a diverged training (non-finite loss) is a message and exit status 4, as in pretrain."""
+    try:
+        function(cfg)
+    except FloatingPointError as err:
+        print(f"sslsky {name}: stopped: {err} (no metrics.json written in {cfg.out})", file=sys.stderr, flush=True)
+        return 4
     return 0
 
 
@@ -170,14 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-specz", help="photo-z from images: redshift bins (linear / finetune / scratch), "
                                           "metrics.json, predictions.h5 with PDFs, plots (= python eval_specz.py)",
                        epilog="exit status: 0 done (or already done for this config), 2 config, checkpoint or data "
-                              "error")
+                              "error, 4 training diverged (non-finite loss: lower optim.lr)")
     _add_config_args(p)
     p.set_defaults(func=cmd_eval_specz)
 
     p = sub.add_parser("eval-morph", help="morphology classes from images (linear / finetune / scratch / knn): "
                                           "metrics.json, predictions.h5, confusion-matrix plot",
                        epilog="exit status: 0 done (or already done for this config), 2 config, checkpoint or data "
-                              "error")
+                              "error, 4 training diverged (non-finite loss: lower optim.lr)")
     _add_config_args(p)
     p.set_defaults(func=cmd_eval_morph)
     return parser

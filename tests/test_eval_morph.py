@@ -135,3 +135,13 @@ def test_knn_needs_a_checkpoint(packed_mock, tmp_path, capsys):
     assert "protocol=knn needs a pretrained encoder" in capsys.readouterr().err
     assert main(morph_args(packed_mock, tmp_path / "x", "ckpt=", "protocol=svm")) == 2
     assert "choose one of linear, finetune, scratch, knn" in capsys.readouterr().err
+
+
+def test_diverging_training_is_a_message_and_exit_4(packed_mock, encoder_path, tmp_path, capsys):
+    out = tmp_path / "nan"
+    status = main(morph_args(packed_mock, out, f"ckpt={encoder_path}", "protocol=finetune", "optim.lr=1e30",
+                             "optim.epochs=3", "plots=false"))
+    err = capsys.readouterr().err
+    assert status == 4, err
+    assert "stopped:" in err and "lower optim.lr" in err and "Traceback" not in err
+    assert not (out / "metrics.json").exists()
