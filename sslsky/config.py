@@ -184,30 +184,32 @@ class VoteCampaignConfig:
 
 @dataclasses.dataclass
 class VotesConfig:
-    """Volunteer vote counts (method=hybrid): the campaigns' trees and the weight of the vote loss."""
+    """Volunteer vote counts (method=hybrid or votes): the campaigns' trees and the weight of the hybrid's vote loss."""
 
     campaigns: list[VoteCampaignConfig] = dataclasses.field(default_factory=lambda: [VoteCampaignConfig()])
-    weight: float = 1.0  # w in L = L_BYOL + w (|L_BYOL| / L_votes).detach() L_votes (Walmsley et al. 2022)
+    weight: float = 1.0  # hybrid: w in L = L_BYOL + w (|L_BYOL| / L_votes).detach() L_votes (Walmsley et al. 2022)
 
 
 @dataclasses.dataclass
 class PretrainConfig:
     """``sslsky pretrain``: self-supervised pretraining on packed shards (DDP, resumable)."""
 
-    method: str = "moco"  # moco (MoCo v2) | byol (BYOL) | hybrid (BYOL + Dirichlet-multinomial vote loss)
+    # moco (MoCo v2) | byol (BYOL) | hybrid (BYOL + Dirichlet-multinomial vote loss) | votes (the vote loss alone,
+    # the supervised baseline of Walmsley et al. 2022; trains on the galaxies with votes only)
+    method: str = "moco"
     run_dir: str = "runs/pretrain"  # checkpoints/, metrics.jsonl, config.yaml, encoder.pt; a restart resumes here
     seed: int = 0
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    votes: VotesConfig = dataclasses.field(default_factory=VotesConfig)  # method=hybrid only
+    votes: VotesConfig = dataclasses.field(default_factory=VotesConfig)  # method=hybrid or votes only
     device: str = "auto"  # auto (cuda if available) | cuda | cpu
     amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none
     channels_last: bool = True  # NHWC memory format (faster convolutions on GPU)
     compile: bool = False  # torch.compile the model
     log_every: int = 50  # steps between metrics.jsonl records
-    val_every: int = 1000  # steps between held-out contrastive top-1 checks; 0: never
+    val_every: int = 1000  # steps between held-out checks (contrastive top-1; votes: vote NLL); 0: never
     checkpoint_every: int = 1000  # steps between checkpoints (and always at the end and on USR2/SIGTERM)
     keep_checkpoints: int = 2  # newest checkpoints kept in run_dir/checkpoints
     tensorboard: bool = True  # also log to run_dir/tensorboard (rank 0)

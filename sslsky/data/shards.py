@@ -48,6 +48,8 @@ LABELS = {
     "z": lambda cols: np.isfinite(cols["z"]),
     "morph_class": lambda cols: cols["morph_class"] >= 0,
 }
+#: ``label=VOTES_LABEL``: rows with at least one volunteer vote in the dataset's ``vote_columns``.
+VOTES_LABEL = "votes"
 
 
 @dataclass
@@ -203,7 +205,8 @@ class ShardDataset(Dataset):
         source: packed folder (with ``manifest.json``) or one HDF5 file (shard or legacy layout).
         split: ``"train"``, ``"val"``, ``"test"`` or ``None`` for all rows (stable hash of object_id).
         split_fractions: train/val/test fractions.
-        label: ``"z"`` or ``"morph_class"``: keep only rows with that label.
+        label: ``"z"``, ``"morph_class"`` or ``"votes"`` (at least one vote in ``vote_columns``): keep only rows
+            with that label.
         label_fraction: with ``label``, keep a seeded random fraction of the labelled rows.
         seed: seed of the label subset.
         transform: optional callable applied to the (C, H, W) image tensor.
@@ -221,16 +224,6 @@ class ShardDataset(Dataset):
         keep = np.ones(len(cols["object_id"]), dtype=bool)
         if split is not None:
             keep &= split_mask(cols["object_id"], split, split_fractions)
-        if label is not None:
-            if label not in LABELS:
-                raise ValueError(f"unknown label {label!r}; choose one of {', '.join(LABELS)}")
-            keep &= LABELS[label](cols)
-        elif label_fraction is not None:
-            raise ValueError("label_fraction needs label= ('z' or 'morph_class') to know which rows are labelled")
-        self.indices = np.flatnonzero(keep)  # (M,) global row of each item
-        if label_fraction is not None and label_fraction < 1.0:
-            self.indices = label_subset(self.indices, fraction=label_fraction, seed=seed)
-        self.transform = transform
         self.vote_columns: list[str] = list(self.index.vote_columns if vote_columns is None else vote_columns)
         self.vote_counts: np.ndarray | None = None  # (N, A) int32 over all rows, columns as vote_columns
         if vote_columns is not None:
@@ -244,6 +237,21 @@ class ShardDataset(Dataset):
         if self.vote_columns:
             order = [self.index.vote_columns.index(c) for c in self.vote_columns]
             self.vote_counts = np.ascontiguousarray(cols["votes"][:, order])
+        if label == VOTES_LABEL:
+            if self.vote_counts is None:
+                raise ValueError(f"{self.source} has no vote counts (votes_* catalog columns) for label='votes'")
+            keep &= self.vote_counts.sum(axis=1) > 0
+        elif label is not None:
+            if label not in LABELS:
+                raise ValueError(f"unknown label {label!r}; choose one of {', '.join([*LABELS, VOTES_LABEL])}")
+            keep &= LABELS[label](cols)
+        elif label_fraction is not None:
+            raise ValueError("label_fraction needs label= ('z', 'morph_class' or 'votes') to know which rows are "
+                             "labelled")
+        self.indices = np.flatnonzero(keep)  # (M,) global row of each item
+        if label_fraction is not None and label_fraction < 1.0:
+            self.indices = label_subset(self.indices, fraction=label_fraction, seed=seed)
+        self.transform = transform
         self._readers: dict[int, _ImageReader] = {}
         self._pid = None
 

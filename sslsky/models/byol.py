@@ -1,4 +1,4 @@
-"""BYOL (Grill et al. 2020) and the hybrid BYOL + vote-count model (Walmsley et al. 2022, GZ-Evo) as ``nn.Module``.
+"""BYOL (Grill et al. 2020), the hybrid BYOL + vote-count model and the votes-only model (Walmsley et al. 2022).
 
 BYOL:
 
@@ -22,7 +22,13 @@ so the vote term has the size of the BYOL term times w whatever the number of vo
 the vote mean and the ratio are global (counts and losses are gathered), so the mean of the per-rank losses
 and the DDP-averaged gradients equal those of one process on the whole batch.
 
-Optimise :meth:`BYOL.parameters_to_optimize`; ``model.parameters()`` also yields the target network.
+Votes only (:class:`VoteModel`, ``method: votes``): the supervised baseline of Walmsley et al. 2022 (Zoobot)
+-- the same encoder and the same vote head (:class:`VoteHeadMixin`, shared with the hybrid) and no BYOL: the
+loss is the Dirichlet-multinomial NLL averaged over both augmented views and over the labelled galaxies of
+the global batch, exactly the hybrid's ``L_votes``, so that votes-only versus hybrid isolates the BYOL term.
+
+Optimise ``model.parameters_to_optimize()``; for BYOL and the hybrid ``model.parameters()`` also yields the
+target network.
 """
 
 from __future__ import annotations
@@ -158,7 +164,55 @@ class BYOL(nn.Module):
         return loss, top1
 
 
-class HybridBYOL(BYOL):
+class VoteHeadMixin:
+    """The vote head of :class:`HybridBYOL` and :class:`VoteModel`: ``vote_head = Linear(F, A)`` -> concentrations.
+
+    Call :meth:`init_vote_head` in ``__init__`` (after ``nn.Module.__init__``); the head's weights are the
+    ``vote_head.*`` entries of the state dict for both models.
+    """
+
+    question_slices: list[tuple[int, int]]
+    n_answers: int
+    vote_head: nn.Linear
+
+    def init_vote_head(self, question_slices: Sequence[tuple[int, int]], feature_dim: int) -> None:
+        slices = [tuple(s) for s in question_slices]
+        if not slices or any(len(s) != 2 or s[1] - s[0] < 1 for s in slices):
+            raise ValueError(f"question_slices must be non-empty (start, stop) pairs, got {question_slices}")
+        self.question_slices = slices
+        self.n_answers = max(stop for _, stop in slices)
+        self.vote_head = nn.Linear(feature_dim, self.n_answers)
+
+    def check_votes(self, votes: torch.Tensor | None, batch: int) -> None:
+        if votes is None:
+            raise ValueError(f"the {type(self).__name__} model needs the batch's vote counts: "
+                             f"forward(view1, view2, votes)")
+        if votes.dim() != 2 or votes.shape != (batch, self.n_answers):
+            raise ValueError(f"votes must be (B, A) = ({batch}, {self.n_answers}), got {tuple(votes.shape)}")
+
+    def concentrations(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, F)`` online features -> ``(B, A)`` Dirichlet concentrations in (1, 101), float32."""
+        return CONCENTRATION_MIN + CONCENTRATION_RANGE * torch.sigmoid(self.vote_head(features).float())
+
+    def concentration_nll(self, concentrations: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` per-galaxy Dirichlet-multinomial NLL of ``(B, A)`` concentrations (0 for a galaxy without votes)."""
+        return dirichlet_multinomial_nll(concentrations, votes, self.question_slices, reduction="none")
+
+    def vote_nll(self, features: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` per-galaxy Dirichlet-multinomial NLL (0 for a galaxy without votes)."""
+        return self.concentration_nll(self.concentrations(features), votes)
+
+    def first_answer_hits(self, concentrations: torch.Tensor, votes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hits, asked)``: of the galaxies with votes on the first question, how many have its most-voted answer
+        (first on ties) equal to the answer of the largest predicted concentration (= expected vote fraction)."""
+        start, stop = self.question_slices[0]
+        k = votes[:, start:stop]  # (B, A_0)
+        asked = k.sum(dim=1) > 0
+        hits = (concentrations[:, start:stop].argmax(dim=1) == k.argmax(dim=1)) & asked
+        return hits.sum().float(), asked.sum().float()
+
+
+class HybridBYOL(VoteHeadMixin, BYOL):
     """BYOL + a Dirichlet-multinomial vote head; ``forward(view1, view2, votes) -> (loss, top1)``.
 
     Args:
@@ -173,15 +227,10 @@ class HybridBYOL(BYOL):
 
     def __init__(self, question_slices: Sequence[tuple[int, int]], vote_weight: float = 1.0, **byol_kwargs):
         super().__init__(**byol_kwargs)
-        slices = [tuple(s) for s in question_slices]
-        if not slices or any(len(s) != 2 or s[1] - s[0] < 1 for s in slices):
-            raise ValueError(f"question_slices must be non-empty (start, stop) pairs, got {question_slices}")
         if not vote_weight >= 0:
             raise ValueError(f"vote_weight must be >= 0, got {vote_weight}")
-        self.question_slices = slices
-        self.n_answers = max(stop for _, stop in slices)
+        self.init_vote_head(question_slices, self.feature_dim)
         self.vote_weight = vote_weight
-        self.vote_head = nn.Linear(self.feature_dim, self.n_answers)
         self.terms: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -194,15 +243,6 @@ class HybridBYOL(BYOL):
     def parameters_to_optimize(self) -> Iterator[nn.Parameter]:
         yield from super().parameters_to_optimize()
         yield from self.vote_head.parameters()
-
-    def concentrations(self, features: torch.Tensor) -> torch.Tensor:
-        """``(B, F)`` online features -> ``(B, A)`` Dirichlet concentrations in (1, 101), float32."""
-        return CONCENTRATION_MIN + CONCENTRATION_RANGE * torch.sigmoid(self.vote_head(features).float())
-
-    def vote_nll(self, features: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` per-galaxy Dirichlet-multinomial NLL (0 for a galaxy without votes)."""
-        return dirichlet_multinomial_nll(self.concentrations(features), votes, self.question_slices,
-                                         reduction="none")
 
     @staticmethod
     def combine(l_byol: torch.Tensor, nll: torch.Tensor, labelled: torch.Tensor, weight: float
@@ -227,12 +267,79 @@ class HybridBYOL(BYOL):
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, votes: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Two views ``(B, C, H, W)`` and their galaxies' vote counts ``(B, A)`` -> ``(loss, top1)``."""
-        if votes is None:
-            raise ValueError("the hybrid model needs the batch's vote counts: forward(view1, view2, votes)")
-        if votes.dim() != 2 or votes.shape != (view1.shape[0], self.n_answers):
-            raise ValueError(f"votes must be (B, A) = ({view1.shape[0]}, {self.n_answers}), got {tuple(votes.shape)}")
+        self.check_votes(votes, view1.shape[0])
         l_byol, top1, (f1, f2) = self.byol_forward(view1, view2)
         nll = 0.5 * (self.vote_nll(f1, votes) + self.vote_nll(f2, votes))  # (B,)
         labelled = votes.sum(dim=1) > 0
         loss, self.terms = self.combine(l_byol, nll, labelled, self.vote_weight)
         return loss, top1
+
+
+class VoteModel(VoteHeadMixin, nn.Module):
+    """Votes only: encoder + vote head; ``forward(view1, view2, votes) -> (loss, answer_accuracy)``.
+
+    The supervised Dirichlet-multinomial baseline of Walmsley et al. 2022. Both augmented views go through
+    the encoder and their per-galaxy NLLs are averaged (as in :class:`HybridBYOL`): the vote term and the
+    augmentation are then those of the hybrid, so comparing the two isolates the BYOL term, at the cost of
+    a second forward pass per step.
+
+    ``loss``: mean NLL over the labelled galaxies (any vote) of the global batch. Its value is that global
+    mean on every rank; its gradient is this rank's share times the world size, so DDP's average gives the
+    gradient of the global mean (as one process on the whole batch). ``answer_accuracy``: over the galaxies
+    of the global batch with votes on the first question, how often the most-voted answer is the one with
+    the largest predicted concentration (see :meth:`first_answer_hits`). :attr:`terms` holds the global
+    ``loss_votes`` and ``labelled`` (count), detached.
+
+    The encoder is ``online_encoder`` (as in BYOL), so training checkpoints load for evaluation through the
+    same key prefix (:data:`sslsky.eval.encoders.CHECKPOINT_ENCODERS`).
+
+    Args:
+        question_slices: as :class:`HybridBYOL`.
+        arch, in_channels, stem: the encoder (see :func:`sslsky.models.encoders.build_encoder`).
+    """
+
+    def __init__(self, question_slices: Sequence[tuple[int, int]], arch: str = "resnet50", in_channels: int = 5,
+                 stem: str = "hayat"):
+        super().__init__()
+        self.online_encoder = build_encoder(arch, in_channels, stem)
+        self.feature_dim: int = self.online_encoder.feature_dim
+        self.init_vote_head(question_slices, self.feature_dim)
+        self.terms: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, n_bands: int | None = None, question_slices=()) -> VoteModel:
+        """Build from a :class:`~sslsky.config.ModelConfig` (``arch``, ``stem``; the BYOL/MoCo fields are unused)."""
+        return cls(question_slices=question_slices, arch=cfg.arch, in_channels=_bands(cfg, n_bands), stem=cfg.stem)
+
+    def parameters_to_optimize(self) -> Iterator[nn.Parameter]:
+        return self.parameters()
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights (no head): what evaluation and export load into :func:`build_encoder`."""
+        return {name: t.detach().clone() for name, t in self.online_encoder.state_dict().items()}
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Encoder features ``(B, C, H, W) -> (B, feature_dim)``, for evaluation."""
+        return self.online_encoder(images)
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, votes: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views ``(B, C, H, W)`` and their galaxies' vote counts ``(B, A)`` -> ``(loss, answer_accuracy)``."""
+        if view1.shape != view2.shape:
+            raise ValueError(f"the two views differ in shape: {tuple(view1.shape)} vs {tuple(view2.shape)}")
+        self.check_votes(votes, view1.shape[0])
+        c1 = self.concentrations(self.online_encoder(view1))  # (B, A)
+        c2 = self.concentrations(self.online_encoder(view2))
+        nll = 0.5 * (self.concentration_nll(c1, votes) + self.concentration_nll(c2, votes))  # (B,)
+        labelled = votes.sum(dim=1) > 0
+        nll_sum = torch.where(labelled, nll, torch.zeros_like(nll)).sum()
+        with torch.no_grad():
+            hits, asked = self.first_answer_hits(c1 + c2, votes)  # the views' mean prediction
+        local = torch.stack([nll_sum.detach(), labelled.sum().float(), hits, asked]).view(1, 4)
+        total = dist.all_gather_tensor(local).sum(dim=0)  # (4,): NLL sum, labelled, hits, asked over all ranks
+        count = total[1].clamp(min=1)
+        g_votes = total[0] / count
+        share = dist.world_size() * nll_sum / count  # DDP averages the ranks' gradients -> global mean's
+        loss = share + (g_votes - share).detach()  # value: the global mean, the same on every rank
+        self.terms = {"loss_votes": g_votes, "labelled": total[1]}
+        return loss, total[2] / total[3].clamp(min=1)

@@ -1,9 +1,15 @@
-"""``sslsky pretrain``: MoCo v2, BYOL or hybrid (BYOL + votes) with DDP, on-device augmentation, exact resume.
+"""``sslsky pretrain``: MoCo v2, BYOL, hybrid (BYOL + votes) or votes only; DDP, on-device augmentation, exact resume.
 
 Reads top to bottom: set-up (distributed, data, augmentation, model,
 optimizer), restore from the run directory, then the step loop
 (data -> two augmented views -> loss -> update -> log / validate /
 checkpoint), then the encoder export the evaluation scripts load.
+
+What is logged besides the loss depends on the method: moco, byol and hybrid log ``acc`` (in-batch
+top-1 of the contrastive pairs) and validate with ``val_top1`` (held-out contrastive top-1); votes
+(supervised Dirichlet-multinomial baseline) draws only galaxies with votes, logs ``vote_acc`` (most-voted
+answer of the first question, see :meth:`sslsky.models.byol.VoteHeadMixin.first_answer_hits`) and
+validates with ``val_loss_votes`` / ``val_vote_acc`` on the centred eval view of the labelled val galaxies.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from torch.utils.data import SequentialSampler
 from sslsky.augment import AstroAugment
 from sslsky.config import ConfigError, PretrainConfig, config_to_dict, write_config
 from sslsky.data.schema import PER_BAND_COLUMNS
-from sslsky.data.shards import ShardDataset, batch_loader
+from sslsky.data.shards import VOTES_LABEL, ShardDataset, batch_loader
+from sslsky.data.splits import split_mask
 from sslsky.data.votes import VoteSchema
-from sslsky.models import BYOL, HybridBYOL, MoCo
+from sslsky.models import BYOL, HybridBYOL, MoCo, VoteModel
 from sslsky.surveys import Survey, get_survey
 from sslsky.train import dist
 from sslsky.train.checkpoint import CHECKPOINT_PATTERN, load_latest, save_checkpoint
@@ -40,7 +47,9 @@ ENCODER_EXPORT = "encoder.pt"
 METRICS_FILE = "metrics.jsonl"
 
 
-METHODS = ("moco", "byol", "hybrid")
+METHODS = ("moco", "byol", "hybrid", "votes")
+#: Methods whose loss needs the batch's vote counts (``votes.campaigns``).
+VOTE_METHODS = ("hybrid", "votes")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -91,8 +100,8 @@ def build_augment(cfg: PretrainConfig, survey: Survey, dataset: ShardDataset) ->
 
 
 def vote_schema(cfg: PretrainConfig) -> VoteSchema | None:
-    """The vote columns of ``votes.campaigns`` for method=hybrid (None for the other methods)."""
-    if cfg.method != "hybrid":
+    """The vote columns of ``votes.campaigns`` for method=hybrid or votes (None for the other methods)."""
+    if cfg.method not in VOTE_METHODS:
         return None
     try:
         return VoteSchema.from_campaigns(cfg.votes.campaigns)
@@ -108,6 +117,8 @@ def build_model(cfg: PretrainConfig, n_bands: int) -> nn.Module:
             return BYOL.from_config(cfg.model, n_bands)
         if cfg.method == "hybrid":
             return HybridBYOL.from_config(cfg.model, n_bands, vote_schema(cfg).slices, cfg.votes.weight)
+        if cfg.method == "votes":
+            return VoteModel.from_config(cfg.model, n_bands, vote_schema(cfg).slices)
         return MoCo.from_config(cfg.model, n_bands)
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -213,6 +224,38 @@ def contrastive_top1(model, augment, loader, device, channels_last, batches: int
     return hits / max(1, total)
 
 
+@torch.no_grad()
+def held_out_votes(model, augment, loader, device, channels_last, batches: int) -> dict[str, float]:
+    """Held-out vote NLL (mean over the galaxies) and first-question answer accuracy, on the centred eval view."""
+    model.eval()
+    nll_sum, count, hits, asked = 0.0, 0, 0.0, 0.0
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        b = batch_to_device(batch, device, channels_last)
+        concentrations = model.concentrations(model.embed(augment.augment.eval_view(b["image"])))  # (B, A)
+        nll_sum += model.concentration_nll(concentrations, b["votes"]).sum().item()
+        count += len(concentrations)
+        h, a = model.first_answer_hits(concentrations, b["votes"])
+        hits, asked = hits + h.item(), asked + a.item()
+    model.train()
+    return {"val_loss_votes": nll_sum / max(1, count), "val_vote_acc": hits / max(1.0, asked)}
+
+
+def held_out(cfg: PretrainConfig, model, augment, loader, device) -> dict[str, float]:
+    """The validation record of the method: contrastive top-1, or vote NLL and answer accuracy (votes)."""
+    if cfg.method == "votes":
+        return held_out_votes(model, augment, loader, device, cfg.channels_last, cfg.data.val_batches)
+    return {"val_top1": contrastive_top1(model, augment, loader, device, cfg.channels_last, cfg.data.val_batches,
+                                         cfg.seed)}
+
+
+def describe_held_out(record: dict[str, float]) -> str:
+    if "val_top1" in record:
+        return f"val contrastive top-1 {record['val_top1']:.3f}"
+    return f"val vote NLL {record['val_loss_votes']:.3f}, first-answer accuracy {record['val_vote_acc']:.3f}"
+
+
 def run_pretrain(cfg: PretrainConfig, command: list[str] | None = None) -> int:
     """Train (or resume) as configured; 0 when finished or checkpointed on a stop signal."""
     preempt = PreemptionFlag()  # USR2 / SIGTERM only set a flag from here on
@@ -237,16 +280,25 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
 
     if not cfg.data.path:
         raise ConfigError("data.path is empty: point it at a packed folder (sslsky pack --out ...)")
-    schema = vote_schema(cfg)  # hybrid: the items carry these vote columns
+    schema = vote_schema(cfg)  # hybrid, votes: the items carry these vote columns
+    # votes: only galaxies with at least one vote (the others would add nothing to the loss)
+    label = VOTES_LABEL if cfg.method == "votes" else None
     try:
-        train_set = ShardDataset(cfg.data.path, split="train", vote_columns=schema and schema.columns)
+        train_set = ShardDataset(cfg.data.path, split="train", vote_columns=schema and schema.columns, label=label)
     except ValueError as err:
         raise ConfigError(f"{err} (votes.campaigns)") from None
-    if schema is not None and main:
+    if schema is not None:
+        n_train = int(split_mask(train_set.index.columns["object_id"], "train").sum())
         labelled = int((train_set.vote_counts[train_set.indices].sum(axis=1) > 0).sum())
-        print(f"pretrain: hybrid on {len(schema.questions)} questions / {schema.n_answers} answers; {labelled} of "
-              f"{len(train_set)} training galaxies have votes", flush=True)
-    val_set = ShardDataset(cfg.data.path, split="val")
+        if main:
+            drawn = "; only those are drawn" if cfg.method == "votes" else ""
+            print(f"pretrain: {cfg.method} on {len(schema.questions)} questions / {schema.n_answers} answers; "
+                  f"{labelled} of {n_train} training galaxies have votes{drawn}", flush=True)
+        if labelled == 0:
+            raise ConfigError(f"none of the {n_train} training galaxies in {cfg.data.path} has a vote in the "
+                              f"{schema.n_answers} columns of votes.campaigns ({schema.columns[0]}...): pack a "
+                              f"catalog with vote counts, or choose method=moco or byol")
+    val_set = ShardDataset(cfg.data.path, split="val", vote_columns=schema and schema.columns, label=label)
     survey = data_survey(cfg, train_set.attrs)
     augment = build_augment(cfg, survey, train_set).to(device)
     n_bands = len(train_set.attrs.get("bands") or survey.bands)
@@ -283,8 +335,11 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
         if main:
             print(f"pretrain: resumed from step {step} in {run_dir}", flush=True)
 
-    sampler = ResumableDistributedSampler(train_set, cfg.data.batch_size, num_replicas=world, rank=rank,
-                                          seed=cfg.seed)
+    try:
+        sampler = ResumableDistributedSampler(train_set, cfg.data.batch_size, num_replicas=world, rank=rank,
+                                              seed=cfg.seed)
+    except ValueError as err:  # fewer images than one batch per rank
+        raise ConfigError(str(err)) from None
     # The loader draws its worker seeds from its own generator, so starting an epoch (or resuming
     # mid-epoch) never advances the global RNG that the key shuffle uses: exact resume.
     # Each batch is one read straight into a (B, C, H, W) array (ShardDataset.read_batch).
@@ -292,11 +347,16 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
                           pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
                           generator=torch.Generator())
     # Full validation batches only: the in-batch top-1 depends on the batch size (chance = 1 / batch).
+    # The vote NLL is per galaxy: every labelled validation galaxy counts.
+    votes_only = cfg.method == "votes"
     val_loader = batch_loader(val_set, SequentialSampler(val_set), max(1, min(cfg.data.batch_size, len(val_set))),
-                              drop_last=True, num_workers=0, generator=torch.Generator())
-    val_every = cfg.val_every if len(val_set) >= 2 else 0
+                              drop_last=not votes_only, num_workers=0, generator=torch.Generator())
+    val_every = cfg.val_every if len(val_set) >= (1 if votes_only else 2) else 0
     if cfg.val_every and not val_every and main:
-        print(f"pretrain: only {len(val_set)} validation image(s); no contrastive top-1 is measured", flush=True)
+        what = "validation galaxies with votes; no vote NLL" if votes_only else \
+            "validation image(s); no contrastive top-1"
+        print(f"pretrain: only {len(val_set)} {what} is measured", flush=True)
+    acc_key = "vote_acc" if votes_only else "acc"  # what the model returns next to the loss
     net = model
     if world > 1:
         # Buffers (BN statistics, the queue) stay each rank's own during training: the queue is
@@ -338,10 +398,10 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
     timers = dict.fromkeys(("data", "augment", "forward_backward", "optimizer", "sync"), 0.0)
     window_start, window_steps, stopped = time.perf_counter(), 0, False
     if step == 0 and val_every and main:  # the untrained baseline of the accuracy curve
-        top1 = contrastive_top1(model, augment, val_loader, device, cfg.channels_last, cfg.data.val_batches, cfg.seed)
-        log.write({"step": 0, "val_top1": top1})
+        record = held_out(cfg, model, augment, val_loader, device)
+        log.write({"step": 0, **record})
         if bar is None:
-            print(f"pretrain: step 0 val contrastive top-1 {top1:.3f}", flush=True)
+            print(f"pretrain: step 0 {describe_held_out(record)}", flush=True)
     dist.barrier()
     model.train()
     while step < cfg.optim.total_steps and not stopped:
@@ -364,7 +424,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
             if cfg.method in ("byol", "hybrid"):  # the EMA schedule is a function of the step: exact resume
                 model.momentum = cosine_momentum(step, cfg.model.byol_base_momentum, cfg.optim.total_steps)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, acc = net(view_q, view_k, b["votes"]) if cfg.method == "hybrid" else net(view_q, view_k)
+                loss, acc = net(view_q, view_k, b["votes"]) if cfg.method in VOTE_METHODS else net(view_q, view_k)
             if agree_any(not bool(torch.isfinite(loss.detach())), device):  # every rank stops together
                 raise TrainingDivergedError(
                     f"loss is not finite (rank {rank}: {loss.item()}) at step {step} (lr {lr:.4g}); lower "
@@ -387,23 +447,21 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
             timers["sync"] += (now := time.perf_counter()) - t
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", **{acc_key: f"{acc.item():.2f}"})
             if step % cfg.log_every == 0 or step == cfg.optim.total_steps:
                 elapsed = time.perf_counter() - window_start
-                log.write({"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(), "acc": acc.item(),
-                           **{k: float(v) for k, v in getattr(model, "terms", {}).items()},  # hybrid loss terms
+                log.write({"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(), acc_key: acc.item(),
+                           **{k: float(v) for k, v in getattr(model, "terms", {}).items()},  # vote loss terms
                            "lr": lr, "images_per_s": window_steps * global_batch / elapsed,
                            **{f"time_{k}": v / window_steps for k, v in timers.items()}})
                 timers = dict.fromkeys(timers, 0.0)
                 window_start, window_steps = time.perf_counter(), 0
             if val_every and (step % val_every == 0 or step == cfg.optim.total_steps):
                 if main:
-                    top1 = contrastive_top1(model, augment, val_loader, device, cfg.channels_last,
-                                            cfg.data.val_batches, cfg.seed)
-                    log.write({"step": step, "val_top1": top1})
+                    record = held_out(cfg, model, augment, val_loader, device)
+                    log.write({"step": step, **record})
                     if bar is None:
-                        print(f"pretrain: step {step} loss {loss.item():.4f} val contrastive top-1 {top1:.3f}",
-                              flush=True)
+                        print(f"pretrain: step {step} loss {loss.item():.4f} {describe_held_out(record)}", flush=True)
                 dist.barrier()
             if step % cfg.checkpoint_every == 0 or step == cfg.optim.total_steps or stop:
                 checkpoint()
