@@ -27,6 +27,15 @@ SLICES = [(0, 3), (3, 5), (5, 8)]  # three questions, 8 answers
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny forwards here: one thread avoids OpenMP threads waiting on each other when the 2 cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def partly_labelled_copy(packed: Path, dest: Path, unlabelled=lambda object_id: object_id % 2 == 0) -> Path:
     """A copy of packed shards whose galaxies with ``unlabelled(object_id)`` have all their vote counts zeroed."""
     shutil.copytree(packed, dest)
