@@ -143,7 +143,7 @@ class DataConfig:
     survey: str = ""  # sdss | decals; empty: from the manifest (needed for legacy files without one)
     batch_size: int = 256  # per rank; the global batch is batch_size x ranks
     num_workers: int = 4  # DataLoader workers per rank (persistent, pinned memory on GPU)
-    val_batches: int = 10  # held-out (split=val) batches for the contrastive top-1
+    val_batches: int = 10  # held-out (split=val) batches for the contrastive top-1 (votes: the vote NLL)
 
 
 @dataclasses.dataclass
