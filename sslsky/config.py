@@ -292,10 +292,14 @@ class EvalSpeczConfig(SupervisedEvalConfig):
 
 @dataclasses.dataclass
 class EvalMorphConfig(SupervisedEvalConfig):
-    """``sslsky eval-morph``: morphology classes from the catalog's ``morph_class``."""
+    """``sslsky eval-morph``: morphology classes from the catalog's ``morph_class``, or vote fractions."""
 
     out: str = "runs/eval_morph"
+    # class: the catalog's morph_class (cross-entropy) | votes: the volunteers' vote fractions of the votes.campaigns
+    # trees (Dirichlet-multinomial; rows with at least one vote)
+    target: str = "class"
     knn: KnnConfig = dataclasses.field(default_factory=KnnConfig)
+    votes: VotesConfig = dataclasses.field(default_factory=VotesConfig)  # target=votes: the trees (weight unused)
 
 
 @dataclasses.dataclass

@@ -12,10 +12,11 @@ Protocols (``cfg.protocol``):
 
 Data: ``ShardDataset`` splits. Train = the labelled train rows thinned to ``cfg.label_fraction`` (seeded by
 ``cfg.seed``, nested across fractions); val and test = all labelled rows of those splits. Val only picks the
-epoch: early stopping on the task's val score (``Task.val_score``: mean CRPS for photo-z, cross-entropy
-otherwise) with ``optim.patience``; the best epoch's weights are kept. Epoch 0 is the untrained head, which
-starts at the train class frequencies (:func:`sslsky.models.heads.init_prior`), so with few labels a model
-that only overfits comes back as the prior rather than something worse.
+epoch: early stopping on the task's val score (``Task.val_score``: mean CRPS for photo-z, otherwise the val
+loss) with ``optim.patience``; the best epoch's weights are kept. Epoch 0 is the untrained head, which
+starts at the train class frequencies (:func:`sslsky.models.heads.init_prior`; a task with its own loss:
+``Task.init_head``, e.g. the train-mean vote fractions), so with few labels a model that only overfits comes
+back as the prior rather than something worse.
 
 Inputs: the centred crop and flux normalisation the encoder was pretrained with (``load_encoder``'s
 transform). With ``cfg.augment`` (finetune / scratch) training crops get a random flip + 90-degree rotation
@@ -26,8 +27,9 @@ et al. 2019); under the reddening augmentation that input is the drawn E(B-V), t
 Head: :func:`sslsky.models.heads.build_head` (linear or MLP) behind a fixed standardisation of its inputs
 (statistics of the train features: exact for linear; for finetune / scratch from up to ``STATS_ROWS`` train
 rows through the initial encoder with BatchNorm on batch statistics); loss: cross-entropy over the task's
-classes (redshift bins for photo-z). Optimiser: AdamW, cosine decay over ``optim.epochs``. Seeded (init, label
-subset, data order, augmentation); bf16 autocast on GPU (``cfg.amp``).
+classes (redshift bins for photo-z), or the task's own per-galaxy ``Task.loss`` averaged over the batch (vote
+counts: Dirichlet-multinomial NLL; see :mod:`sslsky.eval.morphology`). Optimiser: AdamW, cosine decay over
+``optim.epochs``. Seeded (init, label subset, data order, augmentation); bf16 autocast on GPU (``cfg.amp``).
 
 Resume: after every epoch the training state goes atomically to ``OUT/train_state.pt``; a task started again
 with the same config and checkpoint (SHA-256) continues from there (a SLURM requeue loses at most one epoch).
@@ -46,6 +48,7 @@ import json
 import math
 import os
 import time
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,12 +224,14 @@ class Splits:
         return self.train.attrs
 
 
-def open_splits(cfg: SupervisedEvalConfig, label: str) -> Splits:
+def open_splits(cfg: SupervisedEvalConfig, label: str, vote_columns: typing.Sequence[str] | None = None) -> Splits:
+    """The labelled rows of the three splits; ``label="votes"``: rows with a vote in ``vote_columns`` (their order)."""
+    extra = {} if vote_columns is None else {"vote_columns": list(vote_columns)}
     try:
         train = ShardDataset(cfg.data.path, split="train", label=label, label_fraction=cfg.label_fraction,
-                             seed=cfg.seed)
-        val = ShardDataset(cfg.data.path, split="val", label=label)
-        test = ShardDataset(cfg.data.path, split="test", label=label)
+                             seed=cfg.seed, **extra)
+        val = ShardDataset(cfg.data.path, split="val", label=label, **extra)
+        test = ShardDataset(cfg.data.path, split="test", label=label, **extra)
     except (FileNotFoundError, KeyError, ValueError) as err:  # ValueError: no labelled train row to subset
         raise ConfigError(f"data.path={cfg.data.path!r} (label {label!r}): {err}") from None
     if len(train) == 0:
@@ -340,16 +345,47 @@ class LightAugment(nn.Module):
 
 @dataclass
 class Task:
-    """What is predicted: a ShardDataset label column mapped to class indices."""
+    """What is predicted: a ShardDataset label column mapped to class indices (or, with ``loss``, other targets).
 
-    name: str  # photoz | morphology (messages)
-    label: str  # ShardDataset label: z | morph_class
-    n_outputs: int  # classes (redshift bins)
-    to_target: Callable[[np.ndarray], np.ndarray]  # (N,) label values -> (N,) int64 class index
+    The default is classification: cross-entropy, the head starting at the train class prior, softmax outputs.
+    A task with its own ``loss`` (e.g. vote counts under a Dirichlet-multinomial) gives per-galaxy losses of the
+    raw head outputs and float targets; its head keeps PyTorch's initialisation and ``output`` maps the head
+    outputs to what :meth:`SupervisedRun.predict_test` returns.
+    """
+
+    name: str  # photoz | morphology | vote fractions (messages)
+    label: str  # ShardDataset label: z | morph_class | votes
+    n_outputs: int  # classes (redshift bins; vote-count columns)
+    to_target: Callable[[np.ndarray], np.ndarray]  # (N,) label values -> (N,) int64 class index (or (N, A) targets)
     #: Early-stopping score on the val split, lower is better: (probs (N, K), label values (N,)) -> float;
-    #: None: the val cross-entropy.
+    #: None: the val loss.
     val_score: Callable[[np.ndarray, np.ndarray], float] | None = None
     val_score_name: str = "val_loss"
+    #: (head outputs (B, K) float32, targets) -> (B,) per-galaxy loss; None: cross-entropy over the classes.
+    loss: Callable[[Tensor, Tensor], Tensor] | None = None
+    #: (head outputs (B, K) float64) -> (B, K) predictions; None: the softmax. Returned as ``output_name``.
+    output: Callable[[Tensor], Tensor] | None = None
+    output_name: str = "probs"
+    target_dtype: type = np.int64
+    vote_columns: tuple[str, ...] | None = None  # label "votes": the count columns, in this order
+    #: (head, train label values) -> None: the starting point of a head with its own ``loss`` (e.g. the train
+    #: mean vote fractions); None: PyTorch's initialisation. Classification always starts at the class prior.
+    init_head: Callable[[nn.Sequential, np.ndarray], None] | None = None
+
+    @property
+    def classification(self) -> bool:
+        return self.loss is None
+
+    def outputs(self, logits: Tensor) -> Tensor:
+        """(B, K) head outputs -> (B, K) float64 predictions (class probabilities by default)."""
+        return torch.softmax(logits.double(), dim=1) if self.output is None else self.output(logits.double())
+
+
+def label_values(dataset: ShardDataset, label: str) -> np.ndarray:
+    """The ``label`` column of the dataset's rows in order: (N,), or (N, A) vote counts for ``votes``."""
+    if label == "votes":
+        return dataset.vote_counts[dataset.indices]
+    return dataset.index.columns[label][dataset.indices]
 
 
 def usable_cpus() -> int:
@@ -382,7 +418,7 @@ def extract_features(encoder: nn.Module, transform: nn.Module, dataset: Dataset,
                      device: torch.device, amp: torch.dtype | None = None,
                      bn_train: bool = False) -> dict[str, np.ndarray]:
     """Features of every row of ``dataset``: ``features`` (N, D) float32 and the rows' ``object_id``, ``z``,
-    ``ebv``, ``morph_class`` (N,).
+    ``ebv``, ``morph_class`` (N,), and ``votes`` (N, A) when the dataset's items carry vote counts.
 
     The encoder runs in eval mode (frozen features), or with ``bn_train`` in train mode -- BatchNorm on
     batch statistics, as training sees it -- with its running statistics put back afterwards.
@@ -396,6 +432,8 @@ def extract_features(encoder: nn.Module, transform: nn.Module, dataset: Dataset,
             parts["features"].append(encoder(x).float().cpu().numpy())
         for name in ("object_id", "z", "ebv", "morph_class"):
             parts[name].append(batch[name].numpy())
+        if "votes" in batch:
+            parts.setdefault("votes", []).append(batch["votes"].numpy())
     if saved is not None:
         encoder.load_state_dict(saved)
     encoder.eval()
@@ -407,10 +445,11 @@ def extract_features(encoder: nn.Module, transform: nn.Module, dataset: Dataset,
 class FeatureBatches:
     """Mini-batches of precomputed features (linear protocol): ``(features, ebv, target)`` on the device."""
 
-    def __init__(self, features: np.ndarray, ebv: np.ndarray, target: np.ndarray, device: torch.device):
+    def __init__(self, features: np.ndarray, ebv: np.ndarray, target: np.ndarray, device: torch.device,
+                 target_dtype: type = np.int64):
         self.x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
         self.ebv = torch.from_numpy(np.asarray(ebv, dtype=np.float32)).to(device)
-        self.y = torch.from_numpy(np.asarray(target, dtype=np.int64)).to(device)
+        self.y = torch.from_numpy(np.ascontiguousarray(target, dtype=target_dtype)).to(device)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -488,25 +527,28 @@ class SupervisedRun:
 
     @torch.no_grad()
     def predict_test(self) -> dict[str, np.ndarray]:
-        """``probs`` (N, K) float64 and the rows' ``object_id``, ``z``, ``ebv``, ``morph_class`` for the test split."""
+        """``probs`` (N, K) float64 (the task's ``output_name``) and the rows' ``object_id``, ``z``, ``ebv``,
+        ``morph_class`` (and the task's label column, e.g. ``votes`` (N, A)) for the test split."""
         self.model.eval()
+        names = ("object_id", "z", "ebv", "morph_class")
         if self.test_features is not None:
             cols = self.test_features
             batches = FeatureBatches(cols["features"], cols["ebv"], np.zeros(len(cols["ebv"]), np.int64),
                                      self.device).batches(self.cfg.data.batch_size)
-            rows = {k: cols[k] for k in ("object_id", "z", "ebv", "morph_class")}
+            rows = {k: cols[k] for k in (*names, self.task.label)}
         else:
             ds = self.splits.test
             idx = ds.indices
-            rows = {k: ds.index.columns[k][idx] for k in ("object_id", "z", "ebv", "morph_class")}
+            rows = {k: ds.index.columns[k][idx] for k in names}
+            rows[self.task.label] = label_values(ds, self.task.label)
             stream = ImageBatches(ds, self.task, self.backbone.transform, self.cfg, self.device, train=False)
             batches = stream.batches()
         probs = []
         for x, ebv, _ in batches:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = self.model(x, ebv)
-            probs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
-        return {"probs": np.concatenate(probs), **rows}
+            probs.append(self.task.outputs(logits).cpu().numpy())
+        return {self.task.output_name: np.concatenate(probs), **rows}
 
 
 def _check_ebv(cfg: SupervisedEvalConfig, splits: Splits) -> None:
@@ -524,15 +566,19 @@ def _check_ebv(cfg: SupervisedEvalConfig, splits: Splits) -> None:
 
 def _validate(model: Predictor, batches, task: Task, values: np.ndarray, amp: torch.dtype | None,
               device: torch.device) -> dict[str, float]:
-    """Val cross-entropy and the task's early-stopping score; ``values`` (N,) the val labels in batch order."""
+    """Val loss (mean per galaxy) and the task's early-stopping score; ``values`` the val labels in batch order."""
     model.eval()
     total, probs = 0.0, []
     with torch.no_grad():
         for x, ebv, y in batches:
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(x, ebv).float()
-            total += F.cross_entropy(logits, y, reduction="sum").item()
-            probs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+            if task.classification:
+                total += F.cross_entropy(logits, y, reduction="sum").item()
+            else:
+                total += task.loss(logits, y).sum().item()
+            if task.val_score is not None:
+                probs.append(task.outputs(logits).cpu().numpy())
     out = {"val_loss": total / len(values)}
     if task.val_score is not None:
         out[task.val_score_name] = float(task.val_score(np.concatenate(probs), values))
@@ -544,7 +590,7 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
     check_config(cfg)
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.amp, device)
-    splits = open_splits(cfg, task.label)
+    splits = open_splits(cfg, task.label, task.vote_columns)
     n_train = len(splits.train)
     if n_train < 2:
         raise ConfigError(f"label_fraction={cfg.label_fraction} leaves {n_train} labelled train row(s) in "
@@ -566,9 +612,10 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
                  for name in ("train", "val", "test")}
         test_features = feats["test"]
         train_stream = FeatureBatches(feats["train"]["features"], feats["train"]["ebv"],
-                                      task.to_target(feats["train"][task.label]), device)
+                                      task.to_target(feats["train"][task.label]), device, task.target_dtype)
         val_stream = FeatureBatches(feats["val"]["features"], feats["val"]["ebv"],
-                                    task.to_target(feats["val"][task.label]), device) if len(splits.val) else None
+                                    task.to_target(feats["val"][task.label]), device, task.target_dtype) \
+            if len(splits.val) else None
         encoder: nn.Module = nn.Identity()
     else:
         photometric = bool(splits.attrs.get("photometric", True))
@@ -593,9 +640,12 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
     if cfg.use_ebv:
         inputs = np.concatenate([inputs, stats["ebv"][:, None].astype(np.float32)], axis=1)
     head[0].set_stats(torch.from_numpy(inputs))
-    counts = np.bincount(task.to_target(splits.train.index.columns[task.label][splits.train.indices]),
-                         minlength=task.n_outputs)
-    init_prior(head, torch.from_numpy((1 - PRIOR_FLOOR) * counts / counts.sum() + PRIOR_FLOOR / task.n_outputs))
+    if task.classification:  # the head starts at the train class prior
+        counts = np.bincount(task.to_target(splits.train.index.columns[task.label][splits.train.indices]),
+                             minlength=task.n_outputs)
+        init_prior(head, torch.from_numpy((1 - PRIOR_FLOOR) * counts / counts.sum() + PRIOR_FLOOR / task.n_outputs))
+    elif task.init_head is not None:
+        task.init_head(head, label_values(splits.train, task.label))
     model = Predictor(encoder, head, cfg.use_ebv).to(device)
     encoder_lr = cfg.optim.lr * (cfg.optim.encoder_lr_factor if cfg.protocol == "finetune" else 1.0)
     groups = [{"params": list(head.parameters()), "lr_scale": 1.0}]
@@ -610,7 +660,7 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
     # ---- restore ----------------------------------------------------------------------------
     history: list[dict] = []
     monitor = task.val_score_name if task.val_score is not None else "val_loss"
-    val_values = splits.val.index.columns[task.label][splits.val.indices]  # the val streams keep this order
+    val_values = label_values(splits.val, task.label)  # the val streams keep this order
     best = {"score": math.inf, "epoch": 0, "state": None}
     start_epoch, bad_epochs, train_time = 0, 0, 0.0
     state_path = out / TRAIN_STATE
@@ -666,7 +716,7 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
                 group["lr"] = lr * group["lr_scale"]
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(x, ebv)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = F.cross_entropy(logits.float(), y) if task.classification else task.loss(logits.float(), y).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{task.name} {cfg.protocol}: loss is {loss.item()} at epoch {epoch}; "
                                          f"lower optim.lr (now {cfg.optim.lr})")
