@@ -44,6 +44,9 @@ def test_grid_skips_knn_for_photoz_and_rejects_bad_cells():
     grid = cells(cfg)
     assert len(grid) == 2 * 2 + 2 * 2 * 2  # specz: linear only; morph: linear and knn
     assert {(c.task, c.protocol) for c in grid} == {("specz", "linear"), ("morph", "linear"), ("morph", "knn")}
+    votes = cells(load_config(SweepConfig, None, ["tasks=[votes]", "protocols=[linear, knn]", "label_fractions=[1.0]",
+                                                   "seeds=[0]"]))
+    assert [(c.task, c.protocol) for c in votes] == [("votes", "linear"), ("votes", "knn")]
     from sslsky.config import ConfigError
 
     with pytest.raises(ConfigError, match="label fraction 1.5"):
@@ -84,42 +87,49 @@ def test_local_sweep_runs_every_cell_once_and_collects(encoder, packed_mock, tmp
     assert read_results(out) == rows
 
 
-def test_stale_cells_run_again_after_a_new_encoder_or_new_overrides(encoder, packed_mock, tmp_path, capsys):
+def test_votes_task_and_stale_cells_run_again_after_a_new_encoder_or_new_overrides(encoder, packed_mock, tmp_path,
+                                                                                   capsys):
     import torch
 
     ckpt = tmp_path / "encoder.pt"
     shutil.copy(encoder, ckpt)
     out = tmp_path / "sweep"
-    grid = ["executor=local", "tasks=[morph]", "protocols=[linear]", "label_fractions=[1.0]", "seeds=[0]"]
+    grid = ["executor=local", "tasks=[morph, votes]", "protocols=[linear]", "label_fractions=[1.0]", "seeds=[0]"]
     args = sweep_args(ckpt, packed_mock, out, *grid)
     assert main(args) == 0
-    metrics_path = out / "morph" / "linear" / "frac1" / "seed0" / "metrics.json"
-    first = json.loads(metrics_path.read_text())
+    paths = [out / task / "linear" / "frac1" / "seed0" / "metrics.json" for task in ("morph", "votes")]
+    first = [json.loads(path.read_text()) for path in paths]
+    assert [(m["target"], m["config"]["target"]) for m in first] == [("class", "class"), ("votes", "votes")]
+    rows = {row["task"]: row for row in read_results(out)}  # the folder names the task, not metrics' "morph"
+    assert set(rows) == {"morph", "votes"} and float(rows["votes"]["vote_mae"]) == first[1]["vote_mae"]
+    assert (out / "label_efficiency_votes.png").stat().st_size > 0
 
     def sweep_config(*extra: str) -> SweepConfig:
         return load_config(SweepConfig, REPO / "config" / "sweep_labelfrac.yaml", [*args[3:], *extra])
 
     todo, done = pending(sweep_config(), out)
-    assert todo == [] and len(done) == 1
-    # The encoder is pretrained again at the same path: the cell is stale and runs again.
+    assert todo == [] and len(done) == 2
+    # The encoder is pretrained again at the same path: the cells are stale and run again.
     state = torch.load(ckpt, weights_only=True)
     weights = state["encoder"]
     name = next(k for k, v in weights.items() if v.is_floating_point() and v.dim() == 4)
     weights[name] = weights[name] + 0.05
     torch.save(state, ckpt)
     todo, done = pending(sweep_config(), out)
-    assert [c.folder(out) / "metrics.json" for c in todo] == [metrics_path] and done == []
+    assert [c.folder(out) / "metrics.json" for c in todo] == paths and done == []
     capsys.readouterr()
     assert main(args) == 0
-    assert "1 finished cell(s) were made with another config or checkpoint" in capsys.readouterr().out
-    second = json.loads(metrics_path.read_text())
-    assert second["ckpt_sha256"] != first["ckpt_sha256"] and second["config"] == first["config"]
+    assert "2 finished cell(s) were made with another config or checkpoint" in capsys.readouterr().out
+    second = [json.loads(path.read_text()) for path in paths]
+    for a, b in zip(first, second):
+        assert b["ckpt_sha256"] != a["ckpt_sha256"] and b["config"] == a["config"]
     # Other overrides (two epochs): stale again; the rerun records the new config.
     more = "overrides=[optim.epochs=2, data.batch_size=16, data.num_workers=0, plots=false, progress=false, device=cpu]"
-    assert len(pending(sweep_config(more), out)[0]) == 1
+    assert len(pending(sweep_config(more), out)[0]) == 2
     assert main([*args, more]) == 0
-    third = json.loads(metrics_path.read_text())
-    assert third["config"]["optim"]["epochs"] == 2 and third["ckpt_sha256"] == second["ckpt_sha256"]
+    for path, b in zip(paths, second):
+        third = json.loads(path.read_text())
+        assert third["config"]["optim"]["epochs"] == 2 and third["ckpt_sha256"] == b["ckpt_sha256"]
     assert pending(sweep_config(more), out)[0] == []
 
 

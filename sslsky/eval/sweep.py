@@ -1,8 +1,9 @@
 """``sslsky sweep``: label-fraction studies as submitit job arrays, then one CSV and label-efficiency plots.
 
-The grid is task (specz, morph) x protocol (linear, finetune, scratch; knn for morph) x label fraction
-x seed. Each cell is one call of :func:`sslsky.eval.photoz.run_specz` or
-:func:`sslsky.eval.morphology.run_morph` with the task's base config plus the cell's overrides, writing
+The grid is task (specz; morph: classes; votes: vote fractions) x protocol (linear, finetune, scratch; knn
+for morph and votes) x label fraction x seed. Each cell is one call of :func:`sslsky.eval.photoz.run_specz`
+or :func:`sslsky.eval.morphology.run_morph` (``target=class`` for morph, ``target=votes`` for votes, both from
+``morph_config``) with the task's base config plus the cell's overrides, writing
 ``OUT/<task>/<protocol>/frac<f>/seed<s>/metrics.json``. A cell is done when its ``metrics.json`` was made
 with the cell's resolved config and the same checkpoint bytes (:func:`sslsky.train.finetune.finished_metrics`,
 the test the task functions themselves apply); done cells are not submitted again, so a sweep can be re-run
@@ -13,8 +14,9 @@ On a SLURM cluster (``executor: auto`` finds ``sbatch``) the cells go out as one
 resources of ``slurm.*``; a task that reaches its time limit is requeued by submitit
 (:meth:`SweepTask.checkpoint`) and starts again. Without SLURM the same cells run one after the other
 in this process. ``collect`` (at the end, or ``sslsky sweep ... --collect``) reads every
-``metrics.json`` into ``OUT/results.csv`` and draws ``OUT/label_efficiency_<task>.png``: the metric
-against the number of training labels, one line per protocol (mean over seeds, the band their range).
+``metrics.json`` into ``OUT/results.csv`` (its ``task`` column is the cell's task folder) and draws
+``OUT/label_efficiency_<task>.png``: the task's headline metric (:data:`HEADLINE`: sigma_mad, accuracy,
+vote_mae) against the number of training labels, one line per protocol (mean over seeds, the band their range).
 """
 
 from __future__ import annotations
@@ -35,10 +37,14 @@ from sslsky.config import ConfigError, SweepConfig
 TASKS = {
     "specz": ("sslsky.eval.photoz", "run_specz", "EvalSpeczConfig", "specz_config"),
     "morph": ("sslsky.eval.morphology", "run_morph", "EvalMorphConfig", "morph_config"),
+    "votes": ("sslsky.eval.morphology", "run_morph", "EvalMorphConfig", "morph_config"),
 }
-PROTOCOLS = {"specz": ("linear", "finetune", "scratch"), "morph": ("linear", "finetune", "scratch", "knn")}
+#: Overrides that make a task what it is (applied after ``SweepConfig.overrides``).
+TASK_OVERRIDES = {"morph": ("target=class",), "votes": ("target=votes",)}
+PROTOCOLS = {"specz": ("linear", "finetune", "scratch"), "morph": ("linear", "finetune", "scratch", "knn"),
+             "votes": ("linear", "finetune", "scratch", "knn")}
 #: Metric drawn in the label-efficiency plot of each task, and whether lower is better.
-HEADLINE = {"specz": ("sigma_mad", True), "morph": ("accuracy", False)}
+HEADLINE = {"specz": ("sigma_mad", True), "morph": ("accuracy", False), "votes": ("vote_mae", True)}
 METRICS_NAME = "metrics.json"
 RESULTS_NAME = "results.csv"
 
@@ -80,8 +86,9 @@ def cells(cfg: SweepConfig) -> list[Cell]:
 def task_overrides(cfg: SweepConfig, cell: Cell, out: Path) -> list[str]:
     # scratch gets the checkpoint too: it takes the architecture, stem, crop and normalisation from it
     # and starts from random weights, so the baseline is the same network.
-    return [*cfg.overrides, f"protocol={cell.protocol}", f"label_fraction={cell.label_fraction}",
-            f"seed={cell.seed}", f"out={cell.folder(out)}", f"ckpt={cfg.ckpt}", f"data.path={cfg.data_path}"]
+    return [*cfg.overrides, *TASK_OVERRIDES.get(cell.task, ()), f"protocol={cell.protocol}",
+            f"label_fraction={cell.label_fraction}", f"seed={cell.seed}", f"out={cell.folder(out)}",
+            f"ckpt={cfg.ckpt}", f"data.path={cfg.data_path}"]
 
 
 def task_config(task: str, base_config: str, overrides: list[str]):
@@ -247,8 +254,8 @@ def collect(out: Path) -> list[dict]:
         metrics = json.loads(path.read_text())
         row = {"task": task}
         for key, value in metrics.items():
-            if isinstance(value, (int, float, str, bool)) or value is None:
-                row[key] = value
+            if key != "task" and (isinstance(value, (int, float, str, bool)) or value is None):
+                row[key] = value  # the folder names the task: morph and votes cells both run run_morph
         rows.append(row)
     columns: list[str] = []
     for row in rows:
