@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_eval_specz)
 
-    p = sub.add_parser("eval-morph", help="morphology classes from images (linear / finetune / scratch / knn): "
-                                          "metrics.json, predictions.h5, confusion-matrix plot",
+    p = sub.add_parser("eval-morph", help="morphology from images (linear / finetune / scratch / knn): classes "
+                                          "(target=class, confusion-matrix plot) or Galaxy Zoo vote fractions "
+                                          "(target=votes, Dirichlet-multinomial); metrics.json, predictions.h5",
                        epilog="exit status: 0 done (or already done for this config), 2 config, checkpoint or data "
                               "error, 4 training diverged (non-finite loss: lower optim.lr)")
     _add_config_args(p)
