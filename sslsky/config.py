@@ -232,7 +232,9 @@ class FinetuneOptimConfig:
     """AdamW with cosine decay over the epochs; early stopping on the val split (best epoch's weights kept)."""
 
     lr: float = 1e-3  # head lr; scratch trains the whole network at this lr
-    encoder_lr_factor: float = 0.1  # finetune: pretrained encoder lr = lr x this
+    #: finetune: pretrained encoder lr = lr x this. 1.0: at 0.1 fine-tuning lost to scratch from ~600 labels on
+    #: the mock (README, "Label efficiency": 0.52 vs 0.68 morphology accuracy with 594 labels).
+    encoder_lr_factor: float = 1.0
     weight_decay: float = 1e-4
     epochs: int = 30  # at most this many passes over the labelled train rows
     patience: int = 5  # stop after this many epochs without a better val score (photo-z CRPS, else loss); 0: never
