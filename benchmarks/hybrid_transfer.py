@@ -1,6 +1,6 @@
 """Benchmark: which pretraining transfers best to low-label morphology? moco, byol, hybrid, votes-only.
 
-    python benchmarks/hybrid_transfer.py --threads 1     # default scale, about an hour on 2 idle CPU cores
+    python benchmarks/hybrid_transfer.py --threads 1     # default scale: ~1.5 h on a shared 2-core CPU (README)
     python benchmarks/hybrid_transfer.py --quick         # a few minutes: checks the plumbing, not the science
     python benchmarks/hybrid_transfer.py --n-galaxies 40000 --labels 750,7500 --pretrain-steps 30000 \\
         --finetune-labels 750,7500 --seeds 0,1,2 --device cuda                   # a GPU node
