@@ -6,6 +6,7 @@ SDSS-like cubes of noise plus a Gaussian blob, so the pack tests stay fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -173,3 +174,41 @@ def tiny_pretrain_args(packed: Path, run_dir: Path, *overrides: str) -> list[str
     return ["pretrain", "--config", str(REPO / "config" / "pretrain_tiny.yaml"), f"data.path={packed}",
             f"run_dir={run_dir}", "data.batch_size=8", "model.queue_size=48", "optim.total_steps=16",
             "checkpoint_every=5", "val_every=8", "log_every=2", "progress=false", *overrides]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny forwards: one torch thread avoids OpenMP threads waiting on each other when the 2 cores are busy.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``; the thread count is restored after.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, init_file: str):
+    """A real gloo process group for one spawned rank (one torch thread), destroyed on exit."""
+    import torch
+    import torch.distributed as torch_dist
+
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def spawn_gloo(worker, folder: Path, world: int = 2) -> list:
+    """Run ``worker(rank, world, init_file, out_dir)`` in ``world`` processes; each saves ``out_dir/rank<r>.pt``,
+    returned in rank order."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(world, str(folder / "init"), str(folder)), nprocs=world, join=True)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(world)]

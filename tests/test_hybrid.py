@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from conftest import gloo_group, spawn_gloo
 from torch import nn
 
 from sslsky.config import ModelConfig, PretrainConfig, VoteCampaignConfig, VoteQuestionConfig, load_config
@@ -227,24 +227,18 @@ def hybrid_step(model: HybridBYOL, net: nn.Module, v1, v2, votes) -> dict:
 
 
 def dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as torch_dist
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         half = GLOBAL_BATCH // world
         v1, v2, votes = (x[rank * half:(rank + 1) * half] for x in hybrid_inputs())
         model = tiny_hybrid()
         result = hybrid_step(model, DistributedDataParallel(model, broadcast_buffers=False), v1, v2, votes)
         torch.save(result, f"{out_dir}/rank{rank}.pt")
-    finally:
-        torch_dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_hybrid_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = spawn_gloo(dist_worker, tmp_path)
     model = tiny_hybrid()
     ref = hybrid_step(model, model, *hybrid_inputs())
     assert ref["terms"]["labelled"].item() == 4 and ref["terms"]["vote_scale"].item() > 0

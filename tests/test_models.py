@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F  # noqa: N812
+from conftest import gloo_group, spawn_gloo
 from torch import nn
 
 from sslsky.config import ModelConfig
@@ -198,12 +198,9 @@ def sgd_step(model: MoCo, net: nn.Module, im_q: torch.Tensor, im_k: torch.Tensor
 
 
 def dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as torch_dist
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         half = GLOBAL_BATCH // world
         im_q, im_k = (x[rank * half:(rank + 1) * half] for x in views())
         results = {}
@@ -230,15 +227,12 @@ def dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         except ValueError as err:
             results["k_error"] = str(err)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        torch_dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("moco_dist")
-    mp.spawn(dist_worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return spawn_gloo(dist_worker, tmp)
 
 
 def test_two_ranks_frozen_bn_equal_one_process(two_ranks):

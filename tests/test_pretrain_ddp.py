@@ -33,13 +33,7 @@ STEPS = ("optim.total_steps=3", "checkpoint_every=3", "log_every=1", "val_every=
          "augment.geometry.crop_size=16", "model.byol_hidden=32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny forwards here: one thread avoids OpenMP threads waiting on each other when the 2 cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def free_port() -> int:

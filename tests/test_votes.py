@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from conftest import gloo_group, spawn_gloo
 from torch import nn
 
 from sslsky.data.schema import MANIFEST_NAME, VOTES_DATASET
@@ -27,13 +27,7 @@ SLICES = [(0, 3), (3, 5), (5, 8)]  # three questions, 8 answers
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny forwards here: one thread avoids OpenMP threads waiting on each other when the 2 cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def partly_labelled_copy(packed: Path, dest: Path, unlabelled=lambda object_id: object_id % 2 == 0) -> Path:
@@ -155,24 +149,18 @@ def vote_step(model: VoteModel, net: nn.Module, v1, v2, votes) -> dict:
 
 
 def dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as torch_dist
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         half = GLOBAL_BATCH // world
         v1, v2, votes = (x[rank * half:(rank + 1) * half] for x in vote_inputs())
         model = tiny_vote_model()
         result = vote_step(model, DistributedDataParallel(model, broadcast_buffers=False), v1, v2, votes)
         torch.save(result, f"{out_dir}/rank{rank}.pt")
-    finally:
-        torch_dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_votes_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = spawn_gloo(dist_worker, tmp_path)
     model = tiny_vote_model()
     ref = vote_step(model, model, *vote_inputs())
     assert ref["terms"]["labelled"].item() == 4
