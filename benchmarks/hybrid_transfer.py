@@ -159,7 +159,8 @@ def build_table(args, work: Path) -> tuple[list[str], list[str]]:
     """(markdown table lines, notes) from every sweep's metrics.json."""
     names = [*args.methods, "scratch"]
     rows = {name: collect(work / "sweep" / name) if (work / "sweep" / name).is_dir() else [] for name in names}
-    wanted = {round(f, 12) for _, f, _, _ in sweep_cells(args, work)}
+    grid = sweep_cells(args, work)
+    wanted = {round(f, 12) for _, f, _, _ in grid}
     for name in names:
         rows[name] = [r for r in rows[name] if round(float(r["label_fraction"]), 12) in wanted
                       and int(r["seed"]) in args.seeds]
@@ -181,7 +182,7 @@ def build_table(args, work: Path) -> tuple[list[str], list[str]]:
                 table.append(f"| {n} | {protocol} | {'none (random init)' if name == 'scratch' else name} | "
                              f"{le.fmt_value(*acc[1:], 3)} | {le.fmt_value(*f1[1:], 3) if f1 else '–'} | {delta} |")
     notes = []
-    for _, fraction, n, _ in sweep_cells(args, work):
+    for _, fraction, n, _ in grid:
         path = work / "sweep" / args.methods[0] / "morph" / "linear" / f"frac{fraction:g}" / f"seed{args.seeds[0]}" \
             / "metrics.json"
         if path.is_file():

@@ -101,10 +101,11 @@ def main(argv=None) -> None:
     table: dict[str, list[str]] = {name: [] for name in truth}
     for label, ckpt, random in runs:
         feats = features(ckpt, args.data, random, args.device)
+        catalog_rows = {split: np.array([row_of[int(i)] for i in f["object_id"]]) for split, f in feats.items()}
         for name, (values, mask) in truth.items():
             parts = []
             for split in ("train", "val", "test"):
-                rows = np.array([row_of[int(i)] for i in feats[split]["object_id"]])
+                rows = catalog_rows[split]
                 keep = np.ones(len(rows), bool) if mask is None else mask[rows]
                 keep &= np.isfinite(values[rows])
                 parts += [feats[split]["features"][keep].astype(np.float64), values[rows][keep]]
