@@ -30,6 +30,7 @@ so the noise step tops up to the target level the encoder actually sees.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual PyTorch alias)
 from torch import Tensor, nn
 
-from sslsky.config import AugmentConfig
+from sslsky.config import AugmentConfig, ConfigError
 from sslsky.surveys import EBV_LOGNORMAL, Survey, get_survey
 
 #: FWHM / sigma of a Gaussian: 2 sqrt(2 ln 2).
@@ -83,6 +84,99 @@ def _check_range(name: str, low: float, high: float, minimum: float) -> None:
 def crop_start(cutout_size: int, crop_size: int) -> int:
     """First row/column of the centred crop: the plain slice ``[start:start + crop_size]``."""
     return (cutout_size - crop_size) // 2
+
+
+def _crop_reach(cutout_size: int, crop_size: int, rotation: str, scale_min: float, jitter: float,
+                interpolation: str) -> tuple[float, float, float]:
+    """(reach, room, half): how far the rotated, scaled, jittered crop reaches from the centre, the room there is."""
+    centre = crop_start(cutout_size, crop_size) + (crop_size - 1) / 2  # cutout pixel coordinates
+    # Bicubic reads one pixel either side of the sample: keep samples one pixel further in.
+    margin = 1.0 if interpolation == "bicubic" else 0.0
+    room = min(centre, cutout_size - 1 - centre) - margin
+    half = (crop_size - 1) / 2 * (math.sqrt(2.0) if rotation == "any" else 1.0)
+    return half / scale_min + jitter, room, half
+
+
+def largest_crop(cutout_size: int, rotation: str = "any", scale_min: float = 1.0, jitter: float = 0.0,
+                 interpolation: str = "bilinear") -> int:
+    """The largest crop whose every rotated / scaled / jittered footprint stays inside the cutout (0: none)."""
+    for crop in range(cutout_size, 0, -1):
+        reach, room, _ = _crop_reach(cutout_size, crop, rotation, scale_min, jitter, interpolation)
+        if reach <= room + 1e-9:
+            return crop
+    return 0
+
+
+def geometry_crop_limit(cutout_size: int, geo: AugmentConfig.Geometry) -> int:
+    """:func:`largest_crop` for an augmentation config's geometry (the plain slice when geometry is off)."""
+    if not geo.enabled:
+        return cutout_size
+    return largest_crop(cutout_size, geo.rotation, geo.scale_min, geo.jitter, geo.interpolation)
+
+
+#: Sizes of a colour-image pack (no survey): the crop is the largest that fits the default geometry.
+RGB_SURVEY_NAME = ""
+
+
+def survey_of_images(attrs: dict, name: str = "") -> Survey | None:
+    """What the augmentations and eval views need to know of a pack's images, as a :class:`Survey`.
+
+    Photometric packs: the survey (``name``, else the manifest's) with the pack's own cutout size, pixel scale
+    and per-pixel sky sigma when ``sslsky pack image_size=N`` resampled it; the crop keeps the survey's crop
+    fraction (capped by what fits the default geometry). Colour-image packs (8-bit RGB): a survey of their own,
+    named "", with bands R, G, B, the pack's size, the largest crop that fits the default geometry, no
+    extinction or noise figures (the flux augmentations refuse such images). None when a photometric pack
+    says no survey and none is given.
+    """
+    shape = attrs.get("image_shape") or []
+    size = int(shape[-1]) if len(shape) == 3 else 0
+    default_fit = geometry_crop_limit(size, AugmentConfig.Geometry()) if size else 0
+    if not attrs.get("photometric", True):
+        if not size:
+            raise ConfigError("the colour-image pack does not say its image size (image_shape); pack it again")
+        nan = (float("nan"),) * int(shape[0])
+        return Survey(name=RGB_SURVEY_NAME, bands=tuple(attrs.get("bands") or "RGB"), pixel_scale=float("nan"),
+                      cutout_size=size, crop_size=default_fit, extinction=nan, sky_sigma=nan, psf_fwhm=nan,
+                      filters=("",) * int(shape[0]))
+    name = name or attrs.get("survey") or ""
+    if not name:
+        return None
+    base = get_survey(name)
+    if not size or size == base.cutout_size:
+        return base
+    crop = min(round(base.crop_size * size / base.cutout_size), default_fit)
+    scale = attrs.get("pixel_scale") or base.pixel_scale * base.cutout_size / size
+    noise = float(attrs.get("noise_scale") or 1.0)
+    return dataclasses.replace(base, cutout_size=size, crop_size=max(crop, 1), pixel_scale=float(scale),
+                               sky_sigma=tuple(s * noise for s in base.sky_sigma))
+
+
+def resolve_geometry(cfg: AugmentConfig, survey: Survey) -> AugmentConfig:
+    """A copy of ``cfg`` with geometry.cutout_size / crop_size set (0 means the survey's), checked to fit.
+
+    Raises ConfigError naming the largest crop (or the smallest scale_min) that fits the cutout.
+    """
+    geo = dataclasses.replace(cfg.geometry, cutout_size=cfg.geometry.cutout_size or survey.cutout_size,
+                              crop_size=cfg.geometry.crop_size or survey.crop_size)
+    if not 0 < geo.crop_size <= geo.cutout_size:
+        raise ConfigError(f"augment.geometry.crop_size={geo.crop_size} must be in [1, cutout_size="
+                          f"{geo.cutout_size}]")
+    if geo.enabled:
+        reach, room, half = _crop_reach(geo.cutout_size, geo.crop_size, geo.rotation, geo.scale_min, geo.jitter,
+                                        geo.interpolation)
+        if reach > room + 1e-9:
+            fits = geometry_crop_limit(geo.cutout_size, geo)
+            room_for_scale = room - geo.jitter
+            hint = f"the largest crop that fits is {fits}" if fits else "no crop fits"
+            smallest_scale = math.ceil(half / room_for_scale * 1000) / 1000 if room_for_scale > 0 else None
+            scale_hint = (f", or raise augment.geometry.scale_min to >= {smallest_scale}"
+                          if smallest_scale is not None else "")
+            raise ConfigError(
+                f"augment.geometry: the {geo.crop_size}x{geo.crop_size} crop can leave the {geo.cutout_size}x"
+                f"{geo.cutout_size} cutout under rotation={geo.rotation}, scale_min={geo.scale_min}, "
+                f"jitter={geo.jitter}: {hint} (set augment.geometry.crop_size={fits}){scale_hint}, lower "
+                f"augment.geometry.jitter, or use rotation=right")
+    return dataclasses.replace(cfg, geometry=geo)
 
 
 class CenterCrop(nn.Module):
@@ -169,11 +263,8 @@ class AffineCrop(nn.Module):
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.interpolation, self.conserve_flux = interpolation, conserve_flux
         self.centre = crop_start(cutout_size, crop_size) + (crop_size - 1) / 2  # cutout pixel coordinates
-        # Bicubic reads one pixel either side of the sample: keep samples one pixel further in.
-        margin = 1.0 if interpolation == "bicubic" else 0.0
-        room = min(self.centre, cutout_size - 1 - self.centre) - margin
-        half = (crop_size - 1) / 2 * (math.sqrt(2.0) if rotation == "any" else 1.0)
-        reach = half / self.scale_range[0] + self.jitter
+        reach, room, half = _crop_reach(cutout_size, crop_size, rotation, self.scale_range[0], self.jitter,
+                                        interpolation)
         if reach > room + 1e-9:
             max_jitter = room - half / self.scale_range[0]
             raise ValueError(
@@ -532,7 +623,8 @@ class AstroAugment(nn.Module):
             if enabled:
                 raise ValueError(f"flux-based augmentations {', '.join(enabled)} need photometric images (fluxes), "
                                  f"but photometric=False (RGB PNG data); set "
-                                 + ", ".join(f"{name}.enabled=false" for name in enabled))
+                                 + ", ".join(f"augment.{name}.enabled=false" for name in enabled)
+                                 + " (config/pretrain_rgb.yaml does)")
         geo = cfg.geometry
         self.cutout_size = geo.cutout_size or self.survey.cutout_size
         self.crop_size = geo.crop_size or self.survey.crop_size

@@ -16,7 +16,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_mock(args: argparse.Namespace) -> int:
     cfg = load_config(MockConfig, args.config, args.overrides,
-                      survey=args.survey, n=args.n, seed=args.seed, out=args.out)
+                      survey=args.survey, n=args.n, seed=args.seed, out=args.out, format=args.format,
+                      image_size=args.image_size)
     from sslsky.data.mock import run_mock
 
     return run_mock(cfg)
@@ -24,7 +25,8 @@ def cmd_mock(args: argparse.Namespace) -> int:
 
 def cmd_pack(args: argparse.Namespace) -> int:
     cfg = load_config(PackConfig, args.config, args.overrides,
-                      catalog=args.catalog, out=args.out, shard_size=args.shard_size, dtype=args.dtype)
+                      catalog=args.catalog, out=args.out, shard_size=args.shard_size, dtype=args.dtype,
+                      image_size=args.image_size, id_column=args.id_column, label_column=args.label_column)
     from sslsky.data.pack import run_pack
 
     return run_pack(cfg)
@@ -114,21 +116,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslsky", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("mock", help="simulate a mock survey: FITS cutouts + catalog.fits with known truth")
+    p = sub.add_parser("mock", help="simulate a mock survey: FITS cutouts (or Galaxy-Zoo-style PNG/JPEG) + "
+                                     "catalog.fits with known truth")
     p.add_argument("--survey", choices=["sdss", "decals"])
     p.add_argument("--n", type=int, help="number of galaxies")
     p.add_argument("--seed", type=int, help="master seed (output independent of the number of ranks)")
     p.add_argument("--out", help="output folder")
+    p.add_argument("--format", choices=["fits", "png", "jpeg"],
+                   help="fits: nanomaggy cubes (default) | png, jpeg: Galaxy-Zoo-style 8-bit RGB composites")
+    p.add_argument("--image-size", type=int, help="png/jpeg: H = W of the images (default 424, Galaxy Zoo DECaLS)")
     _add_config_args(p)
     p.set_defaults(func=cmd_mock)
 
     p = sub.add_parser("pack", help="pack cutouts listed in a catalog into sharded HDF5 (MPI-aware)",
                        epilog="exit status: 0 all rows packed, 3 some rows rejected (listed in OUT/rejected.csv), "
                               "2 config or catalog error")
-    p.add_argument("--catalog", help="catalog: FITS, CSV, ECSV, or an ssl-sky-surveys HDF5 file")
+    p.add_argument("--catalog", help="catalog: FITS, CSV, ECSV, Parquet, or an ssl-sky-surveys HDF5 file")
     p.add_argument("--out", help="output folder for shards, manifest.json, rejected.csv")
     p.add_argument("--shard-size", type=int, help="rows per shard")
-    p.add_argument("--dtype", choices=["float32", "float16"], help="storage dtype of the images")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "uint8"],
+                   help="storage dtype of the images (auto: uint8 for PNG/JPEG, float32 for FITS)")
+    p.add_argument("--image-size", type=int, help="resample every cutout to N x N (Lanczos for PNG/JPEG, "
+                   "flux-conserving for FITS)")
+    p.add_argument("--id-column", help="catalog column of the galaxy id (default: object_id, id_str, iauname, "
+                   "objid or dr8_id)")
+    p.add_argument("--label-column", help="integer class column packed as morph_class (default: morph_class)")
     _add_config_args(p)
     p.set_defaults(func=cmd_pack)
 
@@ -163,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "faiss-cpu); it is not a dependency. exit status: 0 done, 2 config error or unknown "
                               "object_id")
     p.add_argument("--embeddings", help="file written by sslsky embed")
-    p.add_argument("--query", type=int, metavar="OBJECT_ID", help="object_id whose neighbours to find")
+    p.add_argument("--query", metavar="OBJECT_ID", help="object_id whose neighbours to find: an integer, or a name "
+                   "such as J000411.19+020924.0 for a catalog keyed by text")
     p.add_argument("--k", type=int, help="number of neighbours (default 10)")
     p.add_argument("--data", help="shards to read the images for --png (default: those that were embedded)")
     p.add_argument("--png", help="write a grid of the query and its neighbours (Lupton et al. 2004 RGB) here")

@@ -40,7 +40,11 @@ class MockConfig:
     survey: str = "sdss"  # sdss | decals
     n: int = 1000  # galaxies to simulate
     seed: int = 0  # master seed: the output depends on it alone, not on the ranks
-    out: str = "mock_sdss"  # output folder: catalog.fits + cutouts/
+    out: str = "mock_sdss"  # output folder: catalog.fits + cutouts/ (fits) or images/ (png, jpeg)
+    # fits: (bands, H, W) nanomaggy cubes, catalog keyed by object_id | png | jpeg: 8-bit Lupton RGB composites
+    # (DECaLS z,r,g; SDSS i,r,g) framed and sized like Galaxy Zoo DECaLS, catalog keyed by IAU-style id_str
+    format: str = "fits"
+    image_size: int = 424  # png / jpeg only: H = W of the written images (424: Galaxy Zoo DECaLS)
     r_limit: float = 17.77  # r-band selection limit (SDSS Main Galaxy Sample)
     z_min: float = 0.005
     z_max: float = 0.4
@@ -55,12 +59,20 @@ class MockConfig:
 class PackConfig:
     """``sslsky pack``: FITS / PNG cutouts + catalog -> sharded HDF5 + manifest."""
 
-    catalog: str = ""  # FITS, CSV, ECSV or ssl-sky-surveys HDF5
+    catalog: str = ""  # FITS, CSV, ECSV, Parquet or ssl-sky-surveys HDF5
     out: str = ""  # output folder for shard-*.h5, manifest.json, rejected.csv
     shard_size: int = 1024  # rows per shard
-    dtype: str = "float32"  # float32 | float16 (halves I/O; refuses |x| > 65504)
+    # auto: uint8 for 8-bit colour images (PNG/JPEG), float32 for fluxes | float32 | float16 (halves I/O; refuses
+    # |x| > 65504) | uint8 (colour images only)
+    dtype: str = "auto"
     survey: str = ""  # sdss | decals; empty: read from the cutout headers / catalog
-    image_size: int = 0  # expected H = W; 0: the survey's cutout size
+    # resample every cutout to N x N: Lanczos for colour images, flux-conserving for FITS (pixel scale updated);
+    # 0: keep the size (FITS: the survey's cutout size)
+    image_size: int = 0
+    # catalog column of the galaxy id (integer or text, kept exactly); empty: the first of object_id, id_str, iauname,
+    # objid, dr8_id
+    id_column: str = ""
+    label_column: str = ""  # integer class column packed as morph_class; empty: morph_class (if present)
     max_bad_fraction: float = 0.01  # reject a cutout with more NaN/inf pixels than this
     fill_value: float = 0.0  # what NaN/inf pixels below the limit become (and are flagged)
     stats_sample: int = 2000  # cutouts sampled for the per-band robust statistics (same sample for any rank count)
@@ -213,7 +225,7 @@ class PretrainConfig:
     checkpoint_every: int = 1000  # steps between checkpoints (and always at the end and on USR2/SIGTERM)
     keep_checkpoints: int = 2  # newest checkpoints kept in run_dir/checkpoints
     tensorboard: bool = True  # also log to run_dir/tensorboard (rank 0)
-    progress: bool = True  # tqdm bar on rank 0
+    progress: bool = True  # progress on rank 0: a bar on a terminal, a line a minute in a log
     debug_step_sleep: float = 0.0  # seconds to sleep after each step (tests of preemption and resume)
 
 
@@ -238,6 +250,16 @@ class FinetuneOptimConfig:
     weight_decay: float = 1e-4
     epochs: int = 30  # at most this many passes over the labelled train rows
     patience: int = 5  # stop after this many epochs without a better val score (photo-z CRPS, else loss); 0: never
+    #: finetune: the encoder's BatchNorm layers stay in eval mode (pretraining running statistics, unchanged;
+    #: their scale and shift still train): train, val and test normalise alike.
+    freeze_bn: bool = False
+    #: finetune: per-block lr decay (Zoobot style): ResNet layer4 at the encoder lr, layer3 x this, ... stem x this^4.
+    layer_decay: float = 1.0
+    #: finetune, LP-FT (Kumar et al. 2022): first train the head alone on frozen features (the linear probe, for
+    #: up to this many epochs with optim.patience), then fine-tune from it; 0: start from the prior.
+    head_warmup_epochs: int = 0
+    #: true: a model that kept only the prior is written as metrics.json marked prior_only; false: exit status 4.
+    allow_prior: bool = False
 
 
 @dataclasses.dataclass
@@ -352,7 +374,7 @@ class EmbedConfig:
     device: str = "auto"  # auto (cuda if available) | cuda | cpu
     amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none
     channels_last: bool = True  # NHWC on GPU (no effect on CPU)
-    progress: bool = True  # tqdm bar on rank 0
+    progress: bool = True  # progress on rank 0: a bar on a terminal, a line a minute in a log
 
 
 @dataclasses.dataclass
@@ -360,7 +382,7 @@ class SearchConfig:
     """``sslsky search``: exact chunked cosine top-k over an embeddings file, PNG grid, retrieval quality."""
 
     embeddings: str = ""  # file written by sslsky embed
-    query: int | None = None  # object_id to find neighbours of
+    query: int | str | None = None  # object_id to find neighbours of (an integer, or a name for text ids)
     k: int = 10  # neighbours (the query itself excluded)
     chunk_size: int = 65536  # database rows per block: memory ~ chunk_size x (F + queries) x 4 bytes, never N x N
     query_batch: int = 256  # queries per block in the evaluation
@@ -379,7 +401,7 @@ class SearchConfig:
     eval_queries: int = 0  # 0: every labelled row is a query; N: a seeded random sample of N
     eval_json: str = ""  # also write the evaluation as JSON here
     seed: int = 0  # random neighbours (chance baseline) and the query sample
-    progress: bool = False  # tqdm bar over the evaluation's query blocks
+    progress: bool = False  # progress over the query blocks (a bar on a terminal, a line a minute in a log)
 
 
 SCHEMAS: dict[str, type] = {"mock": MockConfig, "pack": PackConfig, "pretrain": PretrainConfig, "sweep": SweepConfig,

@@ -154,9 +154,13 @@ def test_config_errors_exit_2(survey, tmp_path, override, capsys):
 
 
 def test_unknown_catalog_format_and_missing_catalog(tmp_path, capsys):
-    (tmp_path / "cat.parquet").write_bytes(b"PAR1")
-    assert main(pack_args(tmp_path / "cat.parquet", tmp_path / "x")) == 2
+    (tmp_path / "cat.votable").write_bytes(b"<VOTABLE/>")
+    assert main(pack_args(tmp_path / "cat.votable", tmp_path / "x")) == 2
     assert "unknown format" in capsys.readouterr().err
+    (tmp_path / "cat.parquet").write_bytes(b"PAR1")  # a truncated Parquet file: named, with pyarrow's reason
+    assert main(pack_args(tmp_path / "cat.parquet", tmp_path / "x")) == 2
+    err = capsys.readouterr().err
+    assert "cat.parquet: cannot be read as parquet" in err and "Traceback" not in err
     assert main(pack_args(tmp_path / "nope.fits", tmp_path / "x")) == 2
     assert "does not exist" in capsys.readouterr().err
 

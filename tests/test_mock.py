@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -12,20 +13,25 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from PIL import Image
 from scipy.stats import spearmanr
 
 from sslsky.cli import main as cli_main
 from sslsky.config import ConfigError, MockConfig
 from sslsky.data.mock import (
     COMPONENTS,
+    LABEL_NAMES,
     MORPH_CLASSES,
     check_config,
     component_fluxes,
     draw_population,
+    iau_names,
     render_galaxy,
     run_mock,
+    unique_iau_names,
 )
 from sslsky.data.mock_sed import TEMPLATES, ab_magnitude, kcorrection, load_sed
+from sslsky.data.rgb import SURVEY_RGB_BANDS, frame_pixels, galaxy_zoo_rgb, lupton_rgb
 from sslsky.data.schema import PER_BAND_COLUMNS, REQUIRED_COLUMNS, VOTES_PREFIX
 from sslsky.data.votes import VOTE_TREE, class_from_votes, vote_columns
 from sslsky.surveys import SURVEYS, flux_to_mag, reddening_factor
@@ -266,7 +272,8 @@ def test_same_seed_same_mock_other_seed_differs():
                               render_galaxy(row, SDSS, np.random.default_rng([6, 0])))
 
 
-@pytest.mark.parametrize("override", ["n=0", "specz_fraction=1.5", "z_max=0.9", "survey=hsc"])
+@pytest.mark.parametrize("override", ["n=0", "specz_fraction=1.5", "z_max=0.9", "survey=hsc", "format=tiff",
+                                      "image_size=0"])
 def test_bad_config_is_a_config_error(override, tmp_path):
     key, value = override.split("=")
     cfg = MockConfig(out=str(tmp_path))
@@ -305,3 +312,131 @@ def test_two_mpi_ranks_equal_one_process(mock_run, tmp_path):
         np.testing.assert_array_equal(one[name], two[name])
     for name in one["file"]:
         np.testing.assert_array_equal(fits.getdata(mock_run / name), fits.getdata(out / name))
+
+
+# ---------------------------------------------------------------------------
+# The Galaxy Zoo shape: --format png / jpeg.
+# ---------------------------------------------------------------------------
+
+N_PNG, SEED_PNG, SIZE_PNG = 6, 3, 64
+IAU_PATTERN = re.compile(r"^J(\d{2})(\d{2})(\d{2}\.\d{2})([+-])(\d{2})(\d{2})(\d{2}\.\d)$")
+
+
+def parse_iau(name: str) -> tuple[float, float]:
+    """(ra, dec) [deg] of the lower corner of an IAU name's cell."""
+    hh, mm, ss, sign, dd, dm, ds = IAU_PATTERN.match(name).groups()
+    ra = 15.0 * (int(hh) + int(mm) / 60 + float(ss) / 3600)
+    dec = (int(dd) + int(dm) / 60 + float(ds) / 3600) * (-1 if sign == "-" else 1)
+    return ra, dec
+
+
+@pytest.fixture(scope="module")
+def png_run(tmp_path_factory) -> Path:
+    """``sslsky mock --format png --image-size 64`` of N_PNG DECaLS galaxies, a third unlabelled."""
+    out = tmp_path_factory.mktemp("mock_png") / "decals"
+    rc = cli_main(["mock", "--survey", "decals", "--n", str(N_PNG), "--seed", str(SEED_PNG), "--out", str(out),
+                   "--format", "png", "--image-size", str(SIZE_PNG), "unlabelled_fraction=0.34", "progress=false"])
+    assert rc == 0
+    return out
+
+
+def test_png_images_are_8bit_rgb_galaxies(png_run):
+    table = Table.read(png_run / "catalog.fits")
+    assert not (png_run / "cutouts").exists() and not list((png_run / "images").glob(".*tmp*"))
+    assert sorted(p.name for p in (png_run / "images").iterdir()) == sorted(Path(f).name for f in table["file_loc"])
+    for name in table["file_loc"]:
+        with Image.open(png_run / name) as image:
+            assert image.format == "PNG" and image.mode == "RGB" and image.size == (SIZE_PNG, SIZE_PNG)
+            rgb = np.asarray(image)
+        assert rgb.dtype == np.uint8
+        grey = rgb.astype(np.float64).mean(axis=2)
+        c, k = SIZE_PNG // 2, SIZE_PNG // 8
+        centre = grey[c - k:c + k, c - k:c + k].mean()
+        corners = np.mean([grey[:k, :k].mean(), grey[:k, -k:].mean(), grey[-k:, :k].mean(), grey[-k:, -k:].mean()])
+        assert centre > corners + 30  # a galaxy in the middle, not a blank frame
+        assert grey.max() > 100
+        assert np.mean(rgb == 255) < 0.02  # not saturated
+
+
+def test_png_pixels_are_the_fits_render(png_run):
+    """Same physics and noise as --format fits: the image is the composite of render_galaxy's cube."""
+    cfg = MockConfig(survey="decals", n=N_PNG, seed=SEED_PNG, unlabelled_fraction=0.34)
+    truth = draw_population(cfg, DECALS, np.random.default_rng(SEED_PNG))
+    table = Table.read(png_run / "catalog.fits")
+    for name in ("z_true", "r50", "morph_class", "flux_r", "ebv", "z", "dec", "structure_seed", *vote_columns()):
+        np.testing.assert_array_equal(table[name], truth[name])
+    np.testing.assert_allclose(table["ra"], truth["ra"], atol=1e-4)  # moved only to make a name unique
+    i = 2
+    row = rows_of(truth)[i]
+    cube = render_galaxy(row, DECALS, np.random.default_rng([SEED_PNG, i]))
+    frame = frame_pixels(row["r50"], DECALS.pixel_scale, DECALS.cutout_size)
+    assert DECALS.cutout_size // 2 <= frame <= DECALS.cutout_size
+    assert table["image_pixel_scale"][i] == pytest.approx(frame * DECALS.pixel_scale / SIZE_PNG)
+    expected = galaxy_zoo_rgb(cube, DECALS.bands, "decals", SIZE_PNG, frame)
+    np.testing.assert_array_equal(np.asarray(Image.open(png_run / table["file_loc"][i])), expected)
+
+
+def test_png_catalog_follows_galaxy_zoo(png_run):
+    table = Table.read(png_run / "catalog.fits")
+    assert len(table) == N_PNG
+    assert table.colnames[:5] == ["id_str", "iauname", "file_loc", "ra", "dec"]
+    assert "object_id" not in table.colnames and "file" not in table.colnames
+    ids = [str(v) for v in table["id_str"]]
+    assert len(set(ids)) == N_PNG and ids == [str(v) for v in table["iauname"]]
+    for name, ra, dec, loc in zip(ids, table["ra"], table["dec"], table["file_loc"]):
+        assert IAU_PATTERN.match(name), name
+        assert loc == f"images/{name}.png"
+        ra_name, dec_name = parse_iau(name)
+        assert 0 <= (ra - ra_name) * 3600 / 15 < 0.01 + 1e-9  # truncated to 0.01 s of time
+        assert 0 <= (abs(dec) - abs(dec_name)) * 3600 < 0.1 + 1e-9  # and 0.1 arcsec
+    morph = np.asarray(table["morph_class"])
+    np.testing.assert_array_equal(table["label"], np.where(np.isin(morph, [0, 1, 2]), 0, 1))
+    assert np.issubdtype(table["label"].dtype, np.integer)
+    assert [str(v) for v in table["label_name"]] == [LABEL_NAMES[v] for v in table["label"]]
+    assert all(MORPH_CLASSES[c] == n for c, n in zip(table["morph_class"], table["morph_name"]))
+    assert (table["n_volunteers"] == 0).sum() == 2
+    for q in VOTE_TREE:
+        counts = np.stack([np.asarray(table[f"{VOTES_PREFIX}{q.name}_{a}"], dtype=np.float64) for a in q.answers])
+        total = counts.sum(axis=0)
+        np.testing.assert_array_equal(table[f"{q.name}_total-votes"], total)
+        for a, c in zip(q.answers, counts):
+            fraction = np.asarray(table[f"{q.name}_{a}_fraction"])
+            assert np.array_equal(np.isnan(fraction), total == 0)
+            np.testing.assert_allclose(fraction[total > 0], c[total > 0] / total[total > 0], rtol=1e-12)
+    assert np.isnan(np.asarray(table["smooth-or-featured_smooth_fraction"])[table["n_volunteers"] == 0]).all()
+
+
+def test_jpeg_mock(tmp_path):
+    out = tmp_path / "sdss"
+    assert run_mock(MockConfig(survey="sdss", n=2, seed=4, out=str(out), format="jpeg", image_size=48,
+                               progress=False)) == 0
+    table = Table.read(out / "catalog.fits")
+    for name in table["file_loc"]:
+        assert name.endswith(".jpg")
+        with Image.open(out / name) as image:
+            assert image.format == "JPEG" and image.mode == "RGB" and image.size == (48, 48)
+
+
+def test_iau_names_truncate_and_stay_unique():
+    ra = 15.0 * (4 / 60 + 11.199 / 3600)
+    dec = 2 + 9 / 60 + 24.09 / 3600
+    assert list(iau_names([ra, 359.99999], [dec, -0.5])) == ["J000411.19+020924.0", "J235959.99-003000.0"]
+    ra_in = np.array([10.0, 10.0, 10.0, 20.0])
+    dec_in = np.array([5.0, 5.0, 5.0, -5.0])
+    names, ra_out = unique_iau_names(ra_in, dec_in)
+    assert len(set(names)) == 4 and list(names) == list(iau_names(ra_out, dec_in))
+    assert np.all(np.abs(ra_out - ra_in) < 1e-3) and ra_out[0] == 10.0
+
+
+def test_lupton_rgb_lives_in_data_rgb():
+    from sslsky.eval import similarity
+
+    assert similarity.lupton_rgb is lupton_rgb
+    assert SURVEY_RGB_BANDS == {"sdss": "irg", "decals": "zrg"}
+    cube = np.full((3, 8, 8), 1e-3, dtype=np.float32)
+    cube[:, 3:5, 3:5] = [[[1.0]], [[2.0]], [[3.0]]]
+    rgb = lupton_rgb(cube, "grz", "zrg")
+    assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0].max() < 5 and rgb[4, 4, 0] > rgb[4, 4, 2] > 0  # z (red) brightest
+    with pytest.raises(ValueError, match="rgb_bands"):
+        lupton_rgb(cube, "grz", "irg")

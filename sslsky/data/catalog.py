@@ -5,9 +5,13 @@
     cat.rejected            # [(row, object_id, file, reason)] rows refused before any cutout is read
 
 A table must have the columns of ``REQUIRED_COLUMNS`` (``file`` may be the
-Galaxy Zoo ``file_loc``); a missing one is a :class:`CatalogError` raised
-before any work. Rows with an empty required value and repeated object_ids
-(second and later occurrences) are not packed; they are listed.
+Galaxy Zoo ``file_loc``; the id may be any column named by ``id_column``, else
+the first of ``ID_COLUMN_ALIASES`` present: ``object_id``, ``id_str``,
+``iauname``, ``objid``, ``dr8_id``); a missing one is a :class:`CatalogError`
+raised before any work. Ids are integers or text, kept exactly
+(:mod:`sslsky.data.ids`). Rows with an empty required value and repeated ids
+(second and later occurrences) are not packed; they are listed. Tables are
+FITS, CSV, ECSV or Parquet (astropy; Parquet through pyarrow).
 
 Paths in ``file`` are relative to the catalog's folder (absolute paths are
 kept). A ``file`` holding ``{band}`` names one 2D image per band.
@@ -29,9 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from sslsky.config import ConfigError
+from sslsky.data.ids import ID_COLUMN_ALIASES, as_id_array
 from sslsky.data.schema import (
     CATALOG_FORMATS,
     FILE_LOC_COLUMN,
+    LABEL_COLUMN,
     LEGACY_LAYOUT,
     OPTIONAL_COLUMNS,
     PER_BAND_COLUMNS,
@@ -60,13 +66,16 @@ class Catalog:
     """Normalised catalog columns, one entry per input row (N rows)."""
 
     path: Path
-    columns: dict[str, np.ndarray]  # object_id int64, ra/dec float64, z/ebv float32, morph_class int16, file str
+    columns: dict[str, np.ndarray]  # object_id int64 or str, ra/dec float64, z/ebv float32, morph_class int16, file str
     votes: np.ndarray | None = None  # (N, A) int32
     votes_columns: list[str] = field(default_factory=list)
     per_band: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. "psf_fwhm_r" -> (N,) float32
     legacy: LegacySource | None = None
     valid_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (M,)
     rejected: list[tuple[int, int | str, str, str]] = field(default_factory=list)
+    id_column: str = "object_id"  # the catalog column the ids came from
+    label_column: str = LABEL_COLUMN  # the catalog column morph_class came from
+    label_names: dict[int, str] = field(default_factory=dict)  # class -> name, from <label>_name / morph_name
 
     @property
     def n_rows(self) -> int:
@@ -145,33 +154,42 @@ def _as_float(column, fill: float, dtype) -> np.ndarray:
 
 
 def _as_object_ids(column) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int64, bad mask): values that are not whole numbers are bad."""
+    """(ids, bad mask): int64 for an integer column (or floats that are whole numbers), else text, kept exactly."""
     values = np.ma.getdata(column)
     missing = _missing_mask(column)
     if values.dtype.kind in "iu":
         return values.astype(np.int64), missing
-    ids = np.zeros(len(values), dtype=np.int64)
-    bad = missing.copy()
-    for i, value in enumerate(values):
-        if missing[i]:
-            continue
-        try:
-            number = float(value) if values.dtype.kind == "f" else None
-            if number is not None:
-                if not number.is_integer():
-                    raise ValueError
-                ids[i] = int(number)
-            else:
-                ids[i] = int(str(value).strip())
-        except (ValueError, OverflowError):
-            bad[i] = True
-    return ids, bad
+    if values.dtype.kind == "f":
+        whole = np.isfinite(values) & (np.mod(values, 1) == 0) & (np.abs(values) < 2.0**63)
+        ids = np.where(whole, values, 0).astype(np.int64)
+        return ids, missing | ~whole
+    ids = as_id_array(np.where(missing, "", np.asarray(values, dtype=object)))
+    return ids, missing
+
+
+def _read_parquet(path: Path):
+    """A Parquet file as an astropy Table, through pyarrow (nulls masked); astropy's reader needs pandas."""
+    import pyarrow.parquet as pq
+    from astropy.table import MaskedColumn, Table
+
+    arrow = pq.read_table(path)
+    columns = {}
+    for name in arrow.column_names:
+        chunked = arrow.column(name)
+        values = chunked.to_numpy(zero_copy_only=False)
+        nulls = chunked.is_null().to_numpy(zero_copy_only=False)
+        if values.dtype == object:  # text (None for nulls) -> str
+            values = np.array(["" if v is None else v.decode() if isinstance(v, bytes) else str(v) for v in values])
+        columns[name] = MaskedColumn(values, mask=nulls) if nulls.any() else values
+    return Table(columns)
 
 
 def _read_table(path: Path, fmt: str):
     from astropy.table import Table
 
     try:
+        if fmt == "parquet":
+            return _read_parquet(path)
         return Table.read(path, format=fmt)
     except Exception as err:  # astropy raises many types for a file it cannot parse
         raise CatalogError(f"catalog {path}: cannot be read as {fmt} ({type(err).__name__}: {err})") from None
@@ -216,11 +234,38 @@ def _read_legacy(path: Path, n_bands: int) -> tuple[dict, LegacySource]:
     return columns, LegacySource(path, channels_last, n_bands, hw)
 
 
-def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5) -> Catalog:
+def _label_names(raw: dict, label_name: str, classes: np.ndarray) -> dict[int, str]:
+    """Class -> name from the ``<label>_name`` column (``morph_name`` for ``morph_class``), first row of each."""
+    name_column = next((c for c in (f"{label_name}_name", "morph_name" if label_name == LABEL_COLUMN else None)
+                        if c and c in raw), None)
+    if name_column is None:
+        return {}
+    names = np.asarray(np.ma.getdata(raw[name_column]), dtype=str)
+    out: dict[int, str] = {}
+    for k, name in zip(classes.tolist(), names):
+        if k >= 0 and name.strip():
+            out.setdefault(int(k), name.strip())
+    return dict(sorted(out.items()))
+
+
+def _pick_column(raw: dict, names: list, wanted: str, aliases: tuple[str, ...], what: str, path: Path) -> str | None:
+    """The catalog column for ``what``: ``wanted`` (which must exist), else the first alias present, else None."""
+    if wanted:
+        if wanted not in raw:
+            raise CatalogError(f"catalog {path}: {what}={wanted!r} is not a column; it has {', '.join(names)}")
+        return wanted
+    return next((name for name in aliases if name in raw), None)
+
+
+def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5, id_column: str = "",
+                 label_column: str = "") -> Catalog:
     """Read and validate a catalog; see the module docstring.
 
     ``n_bands_hint`` tells the axis of the bands in a legacy HDF5 ``images``
-    dataset (5 for SDSS ugriz, the survey of the original files).
+    dataset (5 for SDSS ugriz, the survey of the original files). ``id_column``
+    names the id column (default: the first of ``ID_COLUMN_ALIASES``), and
+    ``label_column`` the integer class column read as ``morph_class`` (default
+    ``morph_class``; -1 or empty: unknown).
     """
     path = Path(path)
     if not path.is_file():
@@ -228,18 +273,31 @@ def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5) -> Catalog:
                            "or your own FITS/CSV/ECSV table")
     fmt = catalog_format(path)
     legacy = None
+    id_name, label_name = "object_id", LABEL_COLUMN
     if fmt == "legacy-hdf5":
+        if id_column or label_column:
+            raise CatalogError(f"catalog {path}: id_column= and label_column= are for tables; an ssl-sky-surveys "
+                               "HDF5 file keys galaxies by ObjID")
         raw, legacy = _read_legacy(path, n_bands_hint)
         names = list(raw)
+        label_name = LABEL_COLUMN if LABEL_COLUMN in raw else None
     else:
         table = _read_table(path, fmt)
         names = list(table.colnames)
         raw = {name: table[name] for name in names}
         if "file" not in raw and FILE_LOC_COLUMN in raw:  # Galaxy Zoo convention
             raw["file"] = raw[FILE_LOC_COLUMN]
+        id_name = _pick_column(raw, names, id_column, ID_COLUMN_ALIASES, "id_column", path)
+        if id_name is not None:
+            raw["object_id"] = raw[id_name]
+        label_name = _pick_column(raw, names, label_column, (LABEL_COLUMN,), "label_column", path)
+        if label_name is not None:
+            raw[LABEL_COLUMN] = raw[label_name]
         missing = [name for name in REQUIRED_COLUMNS if name not in raw]
         if missing:
             also = f" (or {FILE_LOC_COLUMN!r})" if "file" in missing else ""
+            if "object_id" in missing:
+                also += f" (an id column: one of {', '.join(ID_COLUMN_ALIASES)}, or name yours with id_column=)"
             raise CatalogError(
                 f"catalog {path} is missing required column(s) {', '.join(map(repr, missing))}{also}; "
                 f"it has {', '.join(names) or 'no columns'}. Add the column(s) (rename yours if they hold "
@@ -265,7 +323,13 @@ def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5) -> Catalog:
             columns[name] = values.astype(dtype)
         else:
             columns[name] = _as_float(raw[name], fill, dtype)
-    cat = Catalog(path, columns, legacy=legacy)
+    cat = Catalog(path, columns, legacy=legacy, id_column=id_name, label_column=label_name or LABEL_COLUMN)
+    if label_name is not None:
+        if np.ma.getdata(raw[label_name]).dtype.kind in "USO" and not np.isfinite(
+                _as_float(raw[label_name], np.nan, np.float64)).any():
+            raise CatalogError(f"catalog {path}: label column {label_name!r} holds text, not integer classes; "
+                               f"give an integer column (0, 1, ...; -1 unknown) with label_column=")
+        cat.label_names = _label_names(raw, label_name, columns[LABEL_COLUMN])
 
     vote_names = [name for name in names if name.startswith(VOTES_PREFIX)]
     if vote_names:  # masked or NaN counts (no volunteer saw it) become 0
@@ -286,16 +350,16 @@ def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5) -> Catalog:
         problems = [f"missing {name}" for name in ("ra", "dec", "file") if empty[name][row]]
         if bad_id[row]:
             value = np.ma.getdata(raw["object_id"])[row]
-            problems.insert(0, "missing object_id" if _missing_mask(raw["object_id"][row:row + 1])[0]
-                            else f"object_id {value!r} is not an integer")
+            problems.insert(0, f"missing {id_name}" if _missing_mask(raw["object_id"][row:row + 1])[0]
+                            else f"{id_name} {value!r} is not a whole number")
         reasons[row] = "; ".join(problems)
     id_rows = np.flatnonzero(~bad_id)
     _, first, inverse = np.unique(object_id[id_rows], return_index=True, return_inverse=True)
-    first_row = id_rows[first][inverse]  # (len(id_rows),) first row holding the same id
+    first_row = id_rows[first][inverse.reshape(-1)]  # (len(id_rows),) first row holding the same id
     for row, original in zip(id_rows[first_row != id_rows], first_row[first_row != id_rows]):
-        reasons.setdefault(int(row), f"duplicate object_id {int(object_id[row])} (first at row {int(original)})")
+        reasons.setdefault(int(row), f"duplicate {id_name} {object_id[row].item()!r} (first at row {int(original)})")
     for row in sorted(reasons):
-        oid = "" if bad_id[row] else int(object_id[row])
+        oid = "" if bad_id[row] else object_id[row].item()
         cat.rejected.append((row, oid, str(columns["file"][row]), reasons[row]))
     keep = np.ones(n, dtype=bool)
     keep[list(reasons)] = False

@@ -74,7 +74,7 @@ class CutoutError(Exception):
 class Cutout:
     """A cutout as read from disk, before the packer's checks."""
 
-    data: np.ndarray  # (C, H, W) float32
+    data: np.ndarray  # (C, H, W) float32, uint8 for colour images
     bands: str  # one letter per plane, "RGB" for colour images
     pixel_scale: float | None  # arcsec / pixel, None when the file does not say
     survey: str = ""  # from the SURVEY keyword when present
@@ -88,14 +88,6 @@ def _check_file(path: Path) -> None:
         raise CutoutError(path, "not a regular file")
     if path.stat().st_size == 0:
         raise CutoutError(path, "empty file (0 bytes)")
-
-
-def _image_hdu(hdul: fits.HDUList, path: Path):
-    """First HDU holding an image (the primary one for the cutout service, a CompImageHDU for .fz)."""
-    for hdu in hdul:
-        if hdu.is_image and hdu.header.get("NAXIS", 0) > 0:
-            return hdu
-    raise CutoutError(path, "FITS file holds no image HDU")
 
 
 #: BITPIX -> big-endian NumPy dtype of the FITS data array.
@@ -172,12 +164,53 @@ def _read_simple_fits(path: Path) -> tuple[np.ndarray, dict] | None:
     if len(raw) - offset < needed:
         raise CutoutError(path, f"truncated FITS file: the header announces {needed} data bytes, "
                                 f"the file holds {len(raw) - offset}")
+    padded = -(-needed // FITS_BLOCK) * FITS_BLOCK
+    if len(raw) > offset + padded and raw[offset + padded:offset + padded + 8] == b"XTENSION":
+        return None  # more HDUs follow (one plane per band): astropy reads them all
     data = np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
     return data.astype(np.float32), header
 
 
+#: Header keywords kept from each image HDU: bands, pixel scale (or the WCS that gives it), survey.
+_HEADER_KEYS = ("BANDS", "BAND", "FILTER", "EXTNAME", "PIXSCALE", "SURVEY", "CD1_1", "CD1_2", "CD2_1", "CD2_2",
+                "CDELT1", "CDELT2")
+
+
+def _header_dict(header) -> dict:
+    keys = [key for key in header if key in _HEADER_KEYS or (key.startswith("BAND") and key[4:].isdigit())]
+    return {key: header[key] for key in keys}
+
+
+def _check_length(hdu, path: Path) -> None:
+    """Truncation of an uncompressed image HDU, reported per file (astropy only warns)."""
+    if isinstance(hdu, fits.CompImageHDU):
+        return
+    header = hdu.header
+    naxes = [header[f"NAXIS{i}"] for i in range(1, header["NAXIS"] + 1)]
+    needed = abs(header["BITPIX"]) // 8 * int(np.prod(naxes))
+    have = path.stat().st_size - hdu.fileinfo()["datLoc"]
+    if have < needed:
+        raise CutoutError(path, f"truncated FITS file: the header announces {needed} data bytes, "
+                                f"the file holds {max(have, 0)}")
+
+
+def _hdu_band(header: dict) -> str:
+    """The band of a one-plane HDU: BAND, FILTER, or a one-letter EXTNAME ("" when none says)."""
+    for key in ("BAND", "FILTER", "BAND0"):
+        value = str(header.get(key, "")).strip()
+        if value:
+            return value
+    name = str(header.get("EXTNAME", "")).strip()
+    return name if len(name) == 1 else ""
+
+
 def _read_fits_image(path: Path) -> tuple[np.ndarray, dict]:
-    """Data (native float32) and header keywords of the first image HDU, with truncation detected."""
+    """Data (native float32) and header keywords of the image, with truncation detected.
+
+    The image is the first image HDU; when it is one 2D plane and more 2D planes of the same size follow in
+    further HDUs (a cutout saved one HDU per band), they are stacked into a (bands, H, W) cube whose BANDS
+    come from each HDU's BAND / FILTER / one-letter EXTNAME.
+    """
     _check_file(path)
     simple = _read_simple_fits(path)
     if simple is not None:
@@ -186,17 +219,23 @@ def _read_fits_image(path: Path) -> tuple[np.ndarray, dict]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AstropyUserWarning)  # truncation is reported below, per file
             with fits.open(path, memmap=False) as hdul:
-                hdu = _image_hdu(hdul, path)
-                header = hdu.header
-                if not isinstance(hdu, fits.CompImageHDU):
-                    naxes = [header[f"NAXIS{i}"] for i in range(1, header["NAXIS"] + 1)]
-                    needed = abs(header["BITPIX"]) // 8 * int(np.prod(naxes))
-                    have = path.stat().st_size - hdu.fileinfo()["datLoc"]
-                    if have < needed:
-                        raise CutoutError(path, f"truncated FITS file: the header announces {needed} data bytes, "
-                                                f"the file holds {max(have, 0)}")
-                data = hdu.data
-                header = {key: header[key] for key in ("BANDS", "PIXSCALE", "SURVEY") if key in header}
+                hdus = [hdu for hdu in hdul if hdu.is_image and hdu.header.get("NAXIS", 0) > 0]
+                if not hdus:
+                    raise CutoutError(path, "FITS file holds no image HDU")
+                _check_length(hdus[0], path)
+                data, header = hdus[0].data, _header_dict(hdus[0].header)
+                planes = [hdu for hdu in hdus if hdu.header.get("NAXIS") == 2]
+                if data is not None and data.ndim == 2 and len(planes) > 1:
+                    for hdu in planes[1:]:
+                        _check_length(hdu, path)
+                    arrays = [np.asarray(hdu.data, dtype=np.float32) for hdu in planes]
+                    if any(a.shape != arrays[0].shape for a in arrays):
+                        raise CutoutError(path, "its image HDUs differ in size: "
+                                                + ", ".join(f"{a.shape[0]}x{a.shape[1]}" for a in arrays))
+                    bands = [_hdu_band(_header_dict(hdu.header)) for hdu in planes]
+                    data = np.stack(arrays)
+                    header.pop("BAND0", None)
+                    header["BANDS"] = "".join(bands) if all(len(b) == 1 for b in bands) else ""
     except CutoutError:
         raise
     except (OSError, ValueError, TypeError, KeyError, IndexError) as err:
@@ -204,6 +243,30 @@ def _read_fits_image(path: Path) -> tuple[np.ndarray, dict]:
     if data is None:
         raise CutoutError(path, "FITS image HDU has no data")
     return np.asarray(data, dtype=np.float32), header
+
+
+def header_bands(header: dict, n_planes: int) -> str:
+    """Bands of the planes: BANDS, else BAND0..BANDn-1 (the Legacy Survey cutout service), else ""."""
+    bands = str(header.get("BANDS", "")).strip()
+    if bands:
+        return bands
+    numbered = [str(header.get(f"BAND{i}", "")).strip() for i in range(n_planes)]
+    if all(len(b) == 1 for b in numbered):
+        return "".join(numbered)
+    return _hdu_band(header) if n_planes == 1 else ""
+
+
+def header_pixel_scale(header: dict) -> float | None:
+    """Arcsec per pixel: PIXSCALE, else from the WCS (sqrt |det CD|, or |CDELT2|), else None."""
+    if header.get("PIXSCALE") is not None:
+        return float(header["PIXSCALE"])
+    cd = [header.get(key) for key in ("CD1_1", "CD1_2", "CD2_1", "CD2_2")]
+    if cd[0] is not None and cd[3] is not None:
+        c11, c12, c21, c22 = (float(v or 0.0) for v in cd)
+        return float(np.sqrt(abs(c11 * c22 - c12 * c21)) * 3600.0)
+    if header.get("CDELT2") is not None:
+        return float(abs(header["CDELT2"]) * 3600.0)
+    return None
 
 
 def read_fits_cube(path: str | os.PathLike) -> Cutout:
@@ -214,9 +277,8 @@ def read_fits_cube(path: str | os.PathLike) -> Cutout:
         data = data[None]
     if data.ndim != 3:
         raise CutoutError(path, f"expected a (bands, H, W) cube, got an array of shape {data.shape}")
-    bands = str(header.get("BANDS", "")).strip()
-    scale = header.get("PIXSCALE")
-    return Cutout(data, bands, float(scale) if scale is not None else None, str(header.get("SURVEY", "")).strip())
+    bands = header_bands(header, data.shape[0])
+    return Cutout(data, bands, header_pixel_scale(header), str(header.get("SURVEY", "")).strip())
 
 
 def read_band_files(template: str | os.PathLike, bands: str | tuple[str, ...]) -> Cutout:
@@ -233,12 +295,12 @@ def read_band_files(template: str | os.PathLike, bands: str | tuple[str, ...]) -
             raise CutoutError(path, f"band {band!r} image is {data.shape[0]}x{data.shape[1]}, the "
                                     f"{bands[0]!r} image is {planes[0].shape[0]}x{planes[0].shape[1]}")
         planes.append(data)
-        scale = header.get("PIXSCALE", scale)
-    return Cutout(np.stack(planes), "".join(bands), float(scale) if scale is not None else None)
+        scale = header_pixel_scale(header) or scale
+    return Cutout(np.stack(planes), "".join(bands), scale)
 
 
 def read_rgb_image(path: str | os.PathLike) -> Cutout:
-    """8-bit colour PNG/JPEG -> (3, H, W) float32 holding the 0-255 values; not photometric."""
+    """8-bit colour PNG/JPEG -> (3, H, W) uint8; not photometric."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -255,8 +317,7 @@ def read_rgb_image(path: str | os.PathLike) -> Cutout:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise CutoutError(path, f"not a readable PNG/JPEG image ({type(err).__name__}: {err})") from None
-    return Cutout(np.ascontiguousarray(np.moveaxis(data, -1, 0), dtype=np.float32), RGB_BANDS, None,
-                  photometric=False)
+    return Cutout(np.ascontiguousarray(np.moveaxis(data, -1, 0)), RGB_BANDS, None, photometric=False)
 
 
 def read_cutout(path: str | os.PathLike, bands: str = "") -> Cutout:
@@ -283,16 +344,17 @@ def read_legacy_image(images, index: int, channels_last: bool, where: str) -> np
     return np.ascontiguousarray(np.moveaxis(image, -1, 0)) if channels_last else image
 
 
-def check_cutout(data: np.ndarray, path, expected_bands: str, bands: str, shape: tuple[int, int],
+def check_cutout(data: np.ndarray, path, expected_bands: str, bands: str, shape: tuple[int, int] | None,
                  max_bad_fraction: float, fill_value: float, dtype: str) -> tuple[np.ndarray, int]:
     """Refuse a cutout the shard cannot hold; fill a few NaN/inf pixels.
 
     Args:
         data: (C, H, W) float32 cutout.
         expected_bands / bands: the pack's bands and this cutout's ("" when the file does not say).
-        shape: expected (H, W).
+        shape: expected (H, W); None: any square size (colour images, resampled to the pack's size).
     Returns:
-        (C, H, W) float32 data with non-finite pixels set to ``fill_value``, and how many were filled.
+        (C, H, W) data (float32; uint8 colour images as they are) with non-finite pixels set to ``fill_value``,
+        in the pack's band order, and how many pixels were filled.
     """
     n_expected = len(expected_bands)
     if data.shape[0] != n_expected:
@@ -300,10 +362,17 @@ def check_cutout(data: np.ndarray, path, expected_bands: str, bands: str, shape:
         raise CutoutError(path, f"wrong number of bands: {data.shape[0]}{got}, "
                                 f"expected {n_expected} ({expected_bands})")
     if bands and bands != expected_bands:
-        raise CutoutError(path, f"wrong bands: {bands}, expected {expected_bands}")
-    if tuple(data.shape[1:]) != tuple(shape):
+        if sorted(bands) != sorted(expected_bands) or len(set(bands)) != len(bands):
+            raise CutoutError(path, f"wrong bands: {bands}, expected {expected_bands}")
+        data = data[[bands.index(band) for band in expected_bands]]  # the same bands in another order
+    if shape is None:
+        if data.shape[1] != data.shape[2]:
+            raise CutoutError(path, f"image is {data.shape[1]}x{data.shape[2]}, not square; cut it square first")
+    elif tuple(data.shape[1:]) != tuple(shape):
         raise CutoutError(path, f"wrong image size: {data.shape[1]}x{data.shape[2]}, expected {shape[0]}x{shape[1]} "
-                                "(set image_size= to pack cutouts of another size)")
+                                "like the other cutouts of this pack (their pixel scale must agree)")
+    if data.dtype == np.uint8:
+        return data, 0
     bad = ~np.isfinite(data)
     n_bad = int(bad.sum())
     if n_bad:

@@ -54,6 +54,8 @@ import sslsky
 from sslsky.config import ConfigError, PackConfig, config_to_dict, write_config
 from sslsky.data.catalog import Catalog, read_catalog
 from sslsky.data.fits_io import CutoutError, check_cutout, read_cutout, read_legacy_image
+from sslsky.data.ids import write_ids
+from sslsky.data.resample import noise_factor, pixel_scale_after, resample_flux, resize_rgb
 from sslsky.data.schema import (
     BAND_PLACEHOLDER,
     CATALOG_ROW_COLUMN,
@@ -87,6 +89,8 @@ STATS_PIXELS_PER_BAND = 256
 STATS_SEED = 20210401
 #: Smallest normal float16; the relative error is reported over |x| >= this.
 FLOAT16_TINY = float(np.finfo(np.float16).smallest_normal)
+#: Smallest image_size worth training on (the encoders' stems and crops need room).
+MIN_IMAGE_SIZE = 16
 
 
 @dataclass
@@ -96,9 +100,22 @@ class Layout:
     kind: str  # "fits" (cube), "bands" (one file per band), "rgb" (PNG/JPEG), "legacy" (ssl-sky-surveys HDF5)
     survey: str  # "" when unknown
     bands: str  # "ugriz", "grz", "RGB", ...
-    pixel_scale: float | None  # arcsec / pixel
-    shape: tuple[int, int, int]  # (C, H, W)
+    pixel_scale: float | None  # arcsec / pixel of the stored images
+    shape: tuple[int, int, int]  # (C, H, W) stored
     photometric: bool  # False for 8-bit colour images: flux-based augmentations must refuse them
+    source_size: int = 0  # H = W of the input cutouts (resampled to shape when they differ); 0: any (colour)
+    dtype: str = "float32"  # stored image dtype (PackConfig.dtype resolved)
+
+    @property
+    def resampled(self) -> bool:
+        return self.source_size != self.shape[1]
+
+    @property
+    def noise_scale(self) -> float:
+        """Sky sigma per stored pixel / per input pixel (1 unless fluxes were resampled)."""
+        if not self.photometric or not self.source_size or not self.resampled:
+            return 1.0
+        return noise_factor(self.source_size, self.shape[1])
 
 
 # ---------------------------------------------------------------------------
@@ -116,8 +133,9 @@ def check_config(cfg: PackConfig) -> None:
         raise ConfigError(f"dtype={cfg.dtype!r} is not supported; choose one of {', '.join(IMAGE_DTYPES)}")
     if cfg.shard_size < 1:
         raise ConfigError(f"shard_size={cfg.shard_size} must be at least 1")
-    if cfg.image_size < 0:
-        raise ConfigError(f"image_size={cfg.image_size} must be 0 (the survey's cutout size) or positive")
+    if cfg.image_size < 0 or 0 < cfg.image_size < MIN_IMAGE_SIZE:
+        raise ConfigError(f"image_size={cfg.image_size} must be 0 (keep the cutouts' size) or at least "
+                          f"{MIN_IMAGE_SIZE}")
     if not 0.0 <= cfg.max_bad_fraction <= 1.0:
         raise ConfigError(f"max_bad_fraction={cfg.max_bad_fraction} must lie in [0, 1]")
     if cfg.stats_sample < 0:
@@ -141,25 +159,48 @@ def _survey_of(bands: str, header_survey: str) -> str:
     return ""
 
 
+def _stored_dtype(cfg: PackConfig, photometric: bool) -> str | None:
+    """The image dtype of the shards, or None when ``cfg.dtype`` cannot hold these images."""
+    if cfg.dtype == "auto":
+        return "float32" if photometric else "uint8"
+    if cfg.dtype == "uint8" and photometric:
+        return None
+    return cfg.dtype
+
+
+def _pixel_scale(header_scale: float | None, survey_scale: float | None) -> float | None:
+    """The survey's pixel scale unless the file says another (by more than 1%: a rebinned cutout)."""
+    if header_scale is None or header_scale <= 0 or not np.isfinite(header_scale):
+        return survey_scale
+    if survey_scale is not None and abs(header_scale / survey_scale - 1.0) < 0.01:
+        return survey_scale
+    return round(float(header_scale), 5)  # from a WCS: rounded, so every cutout of a pack gives the same layout
+
+
 def _layout_of(cutout, path: str, cfg: PackConfig) -> Layout | str:
     """The layout one cutout implies (with the config's survey and image size), or why it cannot say."""
     survey = get_survey(cfg.survey) if cfg.survey else None
     height, width = cutout.data.shape[1:]
     kind = "bands" if BAND_PLACEHOLDER in path else "rgb" if cutout.bands == RGB_BANDS else "fits"
     if kind == "rgb":
-        # Colour renderings are resampled: their size is their own, not the survey's cutout size.
-        size = (cfg.image_size, cfg.image_size) if cfg.image_size else (height, width)
-        pixel_scale = survey.pixel_scale if survey else cutout.pixel_scale
-        return Layout(kind, survey.name if survey else "", RGB_BANDS, pixel_scale, (3, *size), False)
+        # Colour renderings of any square size are resampled (Lanczos) to image_size; their scale is their own.
+        side = cfg.image_size or height
+        return Layout(kind, survey.name if survey else "", RGB_BANDS, None, (3, side, side), False, 0,
+                      _stored_dtype(cfg, False))
     name = survey.name if survey else _survey_of(cutout.bands, cutout.survey)
     known = SURVEYS.get(name)
     bands = "".join(known.bands) if known else cutout.bands
     if not bands:
         return f"cutout {path} has no BANDS keyword and no survey is configured; set survey=sdss or survey=decals"
-    pixel_scale = known.pixel_scale if known else cutout.pixel_scale
-    side = cfg.image_size or (known.cutout_size if known else 0)
-    size = (side, side) if side else (height, width)
-    return Layout(kind, name, bands, pixel_scale, (len(bands), *size), True)
+    dtype = _stored_dtype(cfg, True)
+    if dtype is None:
+        return f"dtype=uint8 is for 8-bit colour images; {path} holds fluxes: use dtype=float32 or float16"
+    # The input size: the survey's cutout size when image_size is not given, else what the files hold.
+    source = height if cfg.image_size else (known.cutout_size if known else height)
+    side = cfg.image_size or source
+    scale = _pixel_scale(cutout.pixel_scale, known.pixel_scale if known else None)
+    return Layout(kind, name, bands, pixel_scale_after(scale, source, side), (len(bands), side, side), True,
+                  source, dtype)
 
 
 def probe_layout(cat: Catalog, cfg: PackConfig) -> Layout | str:
@@ -172,9 +213,13 @@ def probe_layout(cat: Catalog, cfg: PackConfig) -> Layout | str:
     survey = get_survey(cfg.survey) if cfg.survey else None
     if cat.legacy is not None:
         survey = survey or SURVEYS["sdss"]  # the original ssl-sky-surveys files are SDSS ugriz
-        size = cfg.image_size or survey.cutout_size
-        return Layout("legacy", survey.name, "".join(survey.bands), survey.pixel_scale,
-                      (cat.legacy.n_bands, size, size), True)
+        source = cat.legacy.shape[0]
+        size = cfg.image_size or source
+        dtype = _stored_dtype(cfg, True)
+        if dtype is None:
+            return "dtype=uint8 is for 8-bit colour images; an ssl-sky-surveys file holds fluxes"
+        return Layout("legacy", survey.name, "".join(survey.bands), pixel_scale_after(survey.pixel_scale, source, size),
+                      (cat.legacy.n_bands, size, size), True, source, dtype)
     template_bands = "".join((survey or SURVEYS["sdss"]).bands)  # SDSS is the one-file-per-band survey
     rows = cat.valid_rows
     spread = np.unique(np.linspace(0, len(rows) - 1, min(len(rows), PROBE_SAMPLE)).astype(np.int64))
@@ -208,10 +253,11 @@ def probe_layout(cat: Catalog, cfg: PackConfig) -> Layout | str:
         print(f"sslsky pack: warning: sampled cutouts differ; packing the layout of {count} of them "
               f"({layout.bands}, {layout.shape[1]}x{layout.shape[2]}); others are rejected: {others}",
               file=sys.stderr)
-    if (height, width) != tuple(layout.shape[1:]):
+    if layout.source_size and (height, width) != (layout.source_size, layout.source_size):
         print(f"sslsky pack: warning: sampled cutouts such as {path} are {height}x{width} but the pack "
-              f"expects {layout.shape[1]}x{layout.shape[2]}; cutouts of another size are rejected. "
-              f"Set image_size={height} to pack them.", file=sys.stderr)
+              f"expects {layout.source_size}x{layout.source_size}; cutouts of another size are rejected. "
+              f"Set image_size= (e.g. image_size={height}) to pack them at the size they have, or image_size=N "
+              "to resample them to N x N.", file=sys.stderr)
     return layout
 
 
@@ -250,7 +296,6 @@ def shard_key(cat: Catalog, rows: np.ndarray, layout: Layout, cfg: PackConfig) -
         "schema_version": SCHEMA_VERSION,
         "catalog_rows": cat.row_digest(rows),
         "layout": asdict(layout),
-        "dtype": cfg.dtype,
         "fill_value": cfg.fill_value,
         "max_bad_fraction": cfg.max_bad_fraction,
     }
@@ -277,12 +322,24 @@ class CutoutSource:
             self._legacy = h5py.File(cat.legacy.path, "r")
 
     def read(self, row: int) -> tuple[np.ndarray, str]:
-        """(data, bands the file declares or "")."""
+        """(data, bands the file declares or "") as the file holds it."""
         if self._legacy is not None:
             where = f"{self.cat.legacy.path}[{row}]"
             return read_legacy_image(self._legacy[IMAGES_DATASET], row, self.cat.legacy.channels_last, where), ""
         cutout = read_cutout(self.cat.cutout_path(row), self.layout.bands)
         return cutout.data, cutout.bands
+
+    def source_shape(self) -> tuple[int, int] | None:
+        """The (H, W) every input must have; None: any square size (colour images)."""
+        side = self.layout.source_size
+        return (side, side) if side else None
+
+    def to_stored(self, data: np.ndarray) -> np.ndarray:
+        """A checked input cutout resampled to the pack's size: Lanczos for colour images, flux-conserving else."""
+        side = self.layout.shape[1]
+        if data.shape[1:] == (side, side):
+            return data
+        return resize_rgb(data, side) if data.dtype == np.uint8 else resample_flux(data, side)
 
     def close(self) -> None:
         if self._legacy is not None:
@@ -336,7 +393,7 @@ def _write_shard(path: Path, rows: np.ndarray, key: str, cat: Catalog, layout: L
     import h5py
 
     channels, height, width = layout.shape
-    dtype = np.dtype(cfg.dtype)
+    dtype = np.dtype(layout.dtype)
     kept, filled, rejected, samples = [], [], [], {}
     worst = (0.0, 0.0)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -348,10 +405,12 @@ def _write_shard(path: Path, rows: np.ndarray, key: str, cat: Catalog, layout: L
             row = int(row)
             try:
                 data, bands = source.read(row)
-                data, n_filled = check_cutout(data, cat.cutout_path(row), layout.bands, bands,
-                                              layout.shape[1:], cfg.max_bad_fraction, cfg.fill_value, cfg.dtype)
+                data, n_filled = check_cutout(data, cat.cutout_path(row), layout.bands, bands, source.source_shape(),
+                                              cfg.max_bad_fraction, cfg.fill_value, layout.dtype)
+                data = source.to_stored(data)
             except CutoutError as err:
-                rejected.append((row, int(cat.columns["object_id"][row]), str(cat.columns["file"][row]), err.reason))
+                rejected.append((row, cat.columns["object_id"][row].item(), str(cat.columns["file"][row]),
+                                 err.reason))
             else:
                 stored = np.ascontiguousarray(data, dtype=dtype)
                 if dtype == np.float16:
@@ -373,6 +432,9 @@ def _write_shard(path: Path, rows: np.ndarray, key: str, cat: Catalog, layout: L
                 values = kept_rows
             elif name == "filled_pixels":
                 values = np.asarray(filled)
+            elif name == "object_id":  # int64, or UTF-8 text for a catalog keyed by names
+                write_ids(handle, name, cat.columns[name][kept_rows], track_times=False)
+                continue
             else:
                 values = cat.columns[name][kept_rows]
             handle.create_dataset(name, data=np.asarray(values, dtype=column_dtype), track_times=False)
@@ -382,14 +444,15 @@ def _write_shard(path: Path, rows: np.ndarray, key: str, cat: Catalog, layout: L
         for name in PER_BAND_COLUMNS:
             matrix = cat.per_band_matrix(name, layout.bands)
             if matrix is not None:
-                handle.create_dataset(name, data=matrix[kept_rows].astype(np.float32), track_times=False)
+                values = matrix[kept_rows] * (layout.noise_scale if name == "sky_sigma" else 1.0)  # per stored pixel
+                handle.create_dataset(name, data=values.astype(np.float32), track_times=False)
         attrs = handle.attrs
         attrs["survey"] = layout.survey
         attrs["bands"] = layout.bands
         attrs["pixel_scale"] = float("nan") if layout.pixel_scale is None else float(layout.pixel_scale)
         attrs["schema_version"] = SCHEMA_VERSION
         attrs["photometric"] = bool(layout.photometric)
-        attrs["dtype"] = cfg.dtype
+        attrs["dtype"] = layout.dtype
         attrs["first_catalog_row"] = int(rows[0])
         attrs["last_catalog_row"] = int(rows[-1])
         attrs["float16_max_relative_error"] = worst[0]
@@ -411,9 +474,9 @@ def pack_rank(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, rank: in
     sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
     progress = None
     if rank == 0 and cfg.progress:
-        from tqdm import tqdm
+        from sslsky.progress import progress as progress_report
 
-        progress = tqdm(total=len(mine), desc=f"pack (rank 0 of {size})", unit="cutout", file=sys.stderr)
+        progress = progress_report(len(mine), f"pack (rank 0 of {size})", "cutout", stream=sys.stderr)
     source = CutoutSource(cat, layout)
     results = []
     try:
@@ -495,7 +558,7 @@ def finish(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, reports: li
     samples = {row: pixels for r in reports for row, pixels in r["samples"].items()}
     packed = sum(entry["rows"] for entry in shards)
     f16 = None
-    if cfg.dtype == "float16":
+    if layout.dtype == "float16":
         f16 = {
             "max_relative_error": max(r["float16_error"][0] for r in reports),
             "relative_over": f"|x| >= {FLOAT16_TINY:.6g} (float16 normal minimum)",
@@ -511,7 +574,12 @@ def finish(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, reports: li
         "pixel_scale": layout.pixel_scale,
         "photometric": layout.photometric,
         "image_shape": list(layout.shape),
-        "dtype": cfg.dtype,
+        "source_size": layout.source_size,  # input H = W (0: colour images of any size), resampled to image_shape
+        "noise_scale": layout.noise_scale,  # per-pixel sky sigma of the stored images / of the inputs
+        "dtype": layout.dtype,
+        "id_column": cat.id_column,
+        "label_column": cat.label_column,
+        "label_names": {str(k): name for k, name in cat.label_names.items()},  # morph_class -> name
         "counts": {"input_rows": cat.n_rows, "packed": packed, "rejected": len(rejected)},
         "stats": band_statistics(samples, layout.bands),
         "float16_error": f16,
@@ -552,7 +620,8 @@ def run_pack(cfg: PackConfig) -> int:
     rank, size = comm.Get_rank(), comm.Get_size()
     check_config(cfg)
     n_bands_hint = get_survey(cfg.survey).n_bands if cfg.survey else SURVEYS["sdss"].n_bands
-    cat = read_catalog(cfg.catalog, n_bands_hint)  # every rank: a bad catalog stops all of them alike
+    # every rank: a bad catalog stops all of them alike
+    cat = read_catalog(cfg.catalog, n_bands_hint, id_column=cfg.id_column, label_column=cfg.label_column)
     out = Path(cfg.out)
     layout = None
     if rank == 0:

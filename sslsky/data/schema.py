@@ -26,7 +26,8 @@ PER_BAND_COLUMNS = ("psf_fwhm", "sky_sigma")
 
 #: Version of the HDF5 shard layout below.
 SCHEMA_VERSION = 1
-#: Per-row datasets in every shard, with their dtype (``images`` is float32 or float16).
+#: Per-row datasets in every shard, with their dtype (``images`` is float32, float16 or uint8). ``object_id``
+#: is int64, or UTF-8 strings for a catalog keyed by text (:mod:`sslsky.data.ids`).
 SHARD_COLUMNS = {
     "object_id": np.int64,
     "ra": np.float64,
@@ -39,7 +40,9 @@ SHARD_COLUMNS = {
 SHARD_PATTERN = "shard-{rank:03d}-{index:05d}.h5"
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.csv"
-IMAGE_DTYPES = ("float32", "float16")
+#: Stored image dtypes; "auto" is uint8 for 8-bit colour images (decoded to float on the training device)
+#: and float32 for fluxes.
+IMAGE_DTYPES = ("auto", "float32", "float16", "uint8")
 
 #: Names in the layout of the original ssl-sky-surveys HDF5 files (Hayat et al. 2021).
 LEGACY_LAYOUT = {
@@ -75,6 +78,8 @@ BAND_PLACEHOLDER = "{band}"
 #: "Bands" of 8-bit colour images (PNG/JPEG); such packs are marked ``photometric: false``.
 RGB_BANDS = "RGB"
 RGB_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: Catalog column read as ``morph_class`` when ``label_column`` is not given.
+LABEL_COLUMN = "morph_class"
 #: Catalog file formats by suffix: astropy.table format names, or "legacy-hdf5" (LEGACY_LAYOUT).
 CATALOG_FORMATS = {
     ".fits": "fits",
@@ -82,6 +87,7 @@ CATALOG_FORMATS = {
     ".fits.gz": "fits",
     ".csv": "ascii.csv",
     ".ecsv": "ascii.ecsv",
+    ".parquet": "parquet",
     ".h5": "legacy-hdf5",
     ".hdf5": "legacy-hdf5",
 }

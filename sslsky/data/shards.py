@@ -13,7 +13,10 @@ Reads are made for random access from the page cache: each worker keeps its
 open image datasets and reads one row with a single low-level HDF5 hyperslab
 read (HDF5 converts float16 shards to float32 on the way), and a
 ``DataLoader`` batch goes through ``__getitems__``, which reads its rows in
-file order.
+file order. Batches of uint8 shards (8-bit colour images) stay uint8 until the
+training device turns them into floats; single items are always float32.
+Object ids are int64 or text (:mod:`sslsky.data.ids`): a batch carries text
+ids as a list of str.
 
 The same class reads one HDF5 file in the layout of the original
 ssl-sky-surveys data (``images``, ``specz_redshift``, ``e_bv``, ``ObjID``).
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
+from sslsky.data.ids import is_string_ids, read_ids
 from sslsky.data.schema import (
     LEGACY_LAYOUT,
     MANIFEST_NAME,
@@ -73,7 +77,9 @@ class ShardIndex:
 def _read_columns(handle: h5py.File, names: dict[str, str], n: int, where: str) -> dict[str, np.ndarray]:
     out = {}
     for stored, name in names.items():
-        if stored in handle:
+        if stored in handle and name == "object_id":
+            out[name] = read_ids(handle[stored])
+        elif stored in handle:
             out[name] = handle[stored][()]
         elif name in OPTIONAL_COLUMNS:
             out[name] = np.full(n, OPTIONAL_COLUMNS[name])
@@ -95,7 +101,6 @@ def _index_legacy(path: Path) -> ShardIndex:
         names = {stored: name for stored, name in LEGACY_LAYOUT.items() if stored != "images"}
         columns = _read_columns(handle, names, n, str(path))
         attrs = {"bands": "", "photometric": True, "legacy": True}
-    columns["object_id"] = columns["object_id"].astype(np.int64)
     columns.setdefault("morph_class", np.full(n, -1))
     return ShardIndex([path], np.array([n]), columns, channels_last=channels_last, attrs=attrs)
 
@@ -173,13 +178,15 @@ class _ImageReader:
         self.file = h5py.File(path, "r")
         self.images = self.file[key]  # (N, C, H, W), or (N, H, W, C) when channels_last
         self.channels_last = channels_last
+        self.raw_dtype = np.dtype(np.uint8) if self.images.dtype == np.uint8 else np.dtype(np.float32)
         self.row_shape = tuple(self.images.shape[1:])
         self.count = (1, *self.row_shape)
         self.file_space = self.images.id.get_space()
         self.memory_space = h5py.h5s.create_simple(self.row_shape)
 
     def read(self, row: int, out: np.ndarray | None = None) -> np.ndarray:
-        """(C, H, W) float32: a fresh array the caller owns, or written into ``out`` (C-contiguous, float32)."""
+        """(C, H, W) float32: a fresh array the caller owns, or written into ``out`` (C-contiguous; float32, or
+        uint8 when the shard holds uint8: HDF5 converts to the buffer's type)."""
         if self.channels_last:
             buffer = np.empty(self.row_shape, dtype=np.float32)
         else:
@@ -289,7 +296,7 @@ class ShardDataset(Dataset):
         cols = self.index.columns
         item = {
             "image": image,
-            "object_id": int(cols["object_id"][g]),
+            "object_id": cols["object_id"][g].item(),
             "z": float(cols["z"][g]),
             "ebv": float(cols["ebv"][g]),
             "morph_class": int(cols["morph_class"][g]),
@@ -310,7 +317,7 @@ class ShardDataset(Dataset):
         return self._item(g, self.read_image(g))
 
     def read_batch(self, indices) -> dict:
-        """A collated batch, read straight into one ``(B, C, H, W)`` float32 array.
+        """A collated batch, read straight into one ``(B, C, H, W)`` float32 array (uint8 for uint8 shards).
 
         Equal to ``default_collate([self[i] for i in indices])`` (the same keys, dtypes and values)
         without one array per image and the copy of stacking them: with
@@ -323,17 +330,20 @@ class ShardDataset(Dataset):
             return default_collate(self.__getitems__(indices))
         rows = self.indices[np.asarray(indices, dtype=np.int64)]  # (B,) global rows
         shards = np.searchsorted(self.offsets, rows, side="right") - 1
-        shape = self._reader(int(shards[0])).row_shape if len(rows) else (0, 0, 0)
+        first = self._reader(int(shards[0])) if len(rows) else None
+        shape = first.row_shape if first is not None else (0, 0, 0)
         if self.index.channels_last and len(rows):
             shape = (shape[-1], *shape[:-1])
-        images = np.empty((len(rows), *shape), dtype=np.float32)
+        raw = first is not None and not self.index.channels_last and first.raw_dtype == np.uint8
+        images = np.empty((len(rows), *shape), dtype=np.uint8 if raw else np.float32)
         for k in np.argsort(rows, kind="stable"):  # file order
             shard = int(shards[k])
             self._reader(shard).read(int(rows[k] - self.offsets[shard]), out=images[k])
         cols = self.index.columns
+        ids = cols["object_id"][rows]
         batch = {
             "image": torch.from_numpy(images),
-            "object_id": torch.from_numpy(cols["object_id"][rows].astype(np.int64)),
+            "object_id": ids.tolist() if is_string_ids(ids) else torch.from_numpy(ids.astype(np.int64)),
             "z": torch.from_numpy(cols["z"][rows].astype(np.float64)),
             "ebv": torch.from_numpy(cols["ebv"][rows].astype(np.float64)),
             "morph_class": torch.from_numpy(cols["morph_class"][rows].astype(np.int64)),

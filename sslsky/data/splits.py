@@ -2,12 +2,15 @@
 
 A galaxy's split depends on its ``object_id`` alone (a 64-bit mix of the id,
 not Python's salted ``hash``), so it never moves when shards are re-packed,
-re-ordered or grown, and every rank computes the same answer.
+re-ordered or grown, and every rank computes the same answer. Text ids (IAU
+names) enter the mix as 64 bits of their BLAKE2b digest.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from sslsky.data.ids import id_hash_keys
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -15,12 +18,12 @@ _SALT = np.uint64(0x5A1C5A1C2021)  # fixed: changing it moves every galaxy
 
 
 def unit_hash(object_ids) -> np.ndarray:
-    """Map int64 ids to floats in [0, 1), uniformly and stably (splitmix64 finaliser).
+    """Map ids to floats in [0, 1), uniformly and stably (splitmix64 finaliser).
 
-    ``object_ids`` (N,) int -> (N,) float64.
+    ``object_ids`` (N,) int or str -> (N,) float64.
     """
-    x = np.asarray(object_ids).astype(np.int64).view(np.uint64) + _SALT
     with np.errstate(over="ignore"):
+        x = id_hash_keys(object_ids) + _SALT
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sslsky.data.schema import VOTES_PREFIX
+from sslsky.data.schema import LABEL_COLUMN, VOTES_PREFIX
 
 #: Galaxy10-DECaLS-style morphology classes; ``morph_class`` indexes this tuple.
 MORPH_CLASSES = (
@@ -71,6 +71,21 @@ EPS_EASY = 0.08
 EPS_HARD = 0.75
 #: Fewest volunteers who see a labelled galaxy.
 MIN_VOLUNTEERS = 5
+
+
+def class_names(max_class: int, attrs: dict | None = None) -> list[str]:
+    """Names of classes 0..max_class: the pack's (``label_names`` of the catalog's label column), else
+    MORPH_CLASSES for ``morph_class``, else the bare numbers; numbers beyond the known names are added."""
+    attrs = attrs or {}
+    packed = attrs.get("label_names") or {}
+    if isinstance(packed, str):  # JSON in HDF5 attributes
+        import json
+
+        packed = json.loads(packed)
+    if packed:
+        return [str(packed.get(str(k), k)) for k in range(max_class + 1)]
+    names = list(MORPH_CLASSES) if attrs.get("label_column", LABEL_COLUMN) == LABEL_COLUMN else []
+    return names + [str(k) for k in range(len(names), max_class + 1)]
 
 
 def vote_columns() -> list[str]:

@@ -32,7 +32,7 @@ from torch import nn
 from sslsky.augment import CenterCrop, FluxNormalize
 from sslsky.config import AugmentConfig, config_from_dict
 from sslsky.models.encoders import ARCHITECTURES, STEMS, build_encoder
-from sslsky.surveys import get_survey
+from sslsky.surveys import Survey, get_survey
 
 ENCODER_FORMAT = "sslsky-encoder-v1"
 #: Prefixes of the encoder to evaluate in an sslsky training checkpoint: MoCo's query encoder, BYOL's online one.
@@ -103,13 +103,14 @@ def infer_arch(weights: dict, path: Path) -> str:
 
 
 def load_encoder(path: str | os.PathLike, stem: str | None = None, device: str | torch.device = "cpu",
-                 survey: str | None = None) -> LoadedEncoder:
+                 survey: str | Survey | None = None) -> LoadedEncoder:
     """Load the encoder in ``path`` (sslsky, moco or ssl-sky-surveys layout) in eval mode on ``device``.
 
     Args:
         stem: the stem of a foreign checkpoint (default ``hayat``); for sslsky files it must match
             the file's own if given.
-        survey: survey of the inputs (crop size, fallback normalisation) when the file does not say.
+        survey: survey of the inputs (crop size, fallback normalisation) when the file does not say: a name, or
+            the :class:`Survey` of the shards (``sslsky.augment.survey_of_images``).
     """
     path = Path(path)
     state = _read(path)
@@ -154,19 +155,21 @@ def load_encoder(path: str | os.PathLike, stem: str | None = None, device: str |
                               f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
     encoder.eval().to(device)
 
-    survey_name = info.get("survey") or survey
-    transform = eval_transform(info, survey_name, in_channels, path).to(device)
+    transform = eval_transform(info, info.get("survey") or survey, in_channels, path).to(device)
     return LoadedEncoder(encoder=encoder, transform=transform, arch=arch, stem=stem, in_channels=in_channels,
                          feature_dim=int(encoder.feature_dim), source=source, info=info)
 
 
-def eval_transform(info: dict, survey_name: str | None, in_channels: int, path: Path) -> EvalTransform:
-    """The deterministic view the encoder was trained on: centred crop + normalisation of its run."""
+def eval_transform(info: dict, survey: str | Survey | None, in_channels: int, path: Path) -> EvalTransform:
+    """The deterministic view the encoder was trained on: centred crop + normalisation of its run.
+
+    Sizes the run resolved (``augment.geometry``) win; 0 falls back to ``survey``'s (a name or a Survey).
+    """
     aug = AugmentConfig()
     if info.get("augment"):
         aug = config_from_dict(AugmentConfig, info["augment"], "augment")
-    if survey_name:
-        s = get_survey(survey_name)
+    if survey:
+        s = get_survey(survey) if isinstance(survey, str) else survey
         cutout, crop = aug.geometry.cutout_size or s.cutout_size, aug.geometry.crop_size or s.crop_size
         sky = list(s.sky_sigma) if len(s.sky_sigma) == in_channels else None
     elif aug.geometry.cutout_size and aug.geometry.crop_size:

@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from sslsky.config import ConfigError, EvalMorphConfig, config_to_dict, write_config
-from sslsky.data.votes import MORPH_CLASSES, VoteSchema
+from sslsky.data.votes import MORPH_CLASSES, VoteSchema, class_names
 from sslsky.eval.metrics import classification_metrics
 from sslsky.eval.photoz import write_predictions
 from sslsky.losses import dirichlet_multinomial_nll
@@ -93,12 +93,6 @@ MORPH_TARGETS = ("class", "votes")
 MOST_VOTED_MIN_VOTES = 3
 #: Temperature of the similarity-weighted kNN vote, exp(cos / T) (Wu et al. 2018; Caron et al. 2021).
 KNN_TEMPERATURE = 0.07
-
-
-def class_names(max_class: int) -> list[str]:
-    """MORPH_CLASSES, extended with the bare numbers of any class beyond them."""
-    names = list(MORPH_CLASSES)
-    return names + [str(k) for k in range(len(names), max_class + 1)]
 
 
 def knn_classify(train_features: np.ndarray, train_labels: np.ndarray, query_features: np.ndarray, n_classes: int,
@@ -333,7 +327,7 @@ def _run_votes(cfg: EvalMorphConfig, schema: VoteSchema, out: Path) -> dict:
     mean = train_mean_fractions(label_values(splits.train, "votes"), schema.slices)
     base = vote_metrics(np.broadcast_to(mean, counts.shape), counts, schema)
 
-    columns = {"object_id": np.asarray(r["object_id"]).astype(np.int64), "votes": counts.astype(np.int32),
+    columns = {"object_id": np.asarray(r["object_id"]), "votes": counts.astype(np.int32),
                "pred_fractions": r["fractions"].astype(np.float32)}
     if r["concentrations"] is not None:
         columns["concentrations"] = r["concentrations"].astype(np.float32)
@@ -385,7 +379,7 @@ def run_morph(cfg: EvalMorphConfig) -> dict:
         return result
     probe = open_splits(cfg, "morph_class")
     labels = probe.train.index.columns["morph_class"]
-    names = class_names(int(labels.max()) if len(labels) else len(MORPH_CLASSES) - 1)
+    names = class_names(int(labels.max()) if len(labels) else len(MORPH_CLASSES) - 1, probe.attrs)
     n_classes = len(names)
 
     if cfg.protocol == "knn":
@@ -405,7 +399,7 @@ def run_morph(cfg: EvalMorphConfig) -> dict:
     base = classification_metrics(r["true"], np.full(len(r["true"]), majority), n_classes, names)
 
     write_predictions(out / "predictions.h5", {
-        "object_id": r["object_id"].astype(np.int64), "true_class": r["true"], "pred_class": r["pred"].astype(np.int64),
+        "object_id": r["object_id"], "true_class": r["true"], "pred_class": r["pred"].astype(np.int64),
         "probs": r["probs"].astype(np.float32),
     }, {"protocol": cfg.protocol, "ckpt": cfg.ckpt, "label_fraction": cfg.label_fraction, "seed": cfg.seed,
         "classes": names})

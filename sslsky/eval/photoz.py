@@ -38,6 +38,7 @@ import h5py
 import numpy as np
 
 from sslsky.config import EvalSpeczConfig, config_to_dict, write_config
+from sslsky.data.ids import as_id_array, write_ids
 from sslsky.eval.metrics import (
     OUTLIER_THRESHOLD,
     crps_binned,
@@ -68,7 +69,10 @@ def write_predictions(path: Path, columns: dict[str, np.ndarray], attrs: dict) -
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with h5py.File(tmp, "w") as handle:
         for name, values in columns.items():
-            handle.create_dataset(name, data=values)
+            if name == "object_id":  # int64, or UTF-8 text ids kept exactly
+                write_ids(handle, name, as_id_array(values))
+            else:
+                handle.create_dataset(name, data=values)
         for key, value in attrs.items():
             handle.attrs[key] = value
     os.replace(tmp, path)
@@ -103,7 +107,7 @@ def run_specz(cfg: EvalSpeczConfig) -> dict:
               flush=True)
 
     write_predictions(out / "predictions.h5", {
-        "object_id": pred["object_id"].astype(np.int64), "z_spec": z_spec, "ebv": pred["ebv"].astype(np.float64),
+        "object_id": pred["object_id"], "z_spec": z_spec, "ebv": pred["ebv"].astype(np.float64),
         "z_mean": estimates["mean"], "z_median": estimates["median"], "z_mode": estimates["mode"],
         "pdf": pdf.astype(np.float32), "bin_edges": edges,
     }, {"protocol": cfg.protocol, "ckpt": cfg.ckpt, "label_fraction": cfg.label_fraction, "seed": cfg.seed})

@@ -39,14 +39,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from sslsky.augment import survey_of_images
 from sslsky.config import ConfigError, EmbedConfig, SearchConfig, config_to_dict
+from sslsky.data.ids import as_id_array, id_text, is_string_ids, match_query, read_ids, write_ids
+from sslsky.data.rgb import SURVEY_RGB_BANDS, lupton_rgb
+from sslsky.data.schema import RGB_BANDS
+from sslsky.data.votes import class_names
 from sslsky.train import dist
 
 EMBEDDINGS_FORMAT = "sslsky-embeddings-v1"
 #: Per-row columns stored next to the embeddings (``index``: global row in the shards).
 COLUMNS = ("object_id", "z", "ebv", "morph_class", "index")
-#: Bands shown as (R, G, B) in the composite colour images, reddest first.
-RGB_BANDS = {"sdss": "irg", "decals": "zrg"}
 #: Pixels of one panel of the neighbour grid (width, height), at PANEL_DPI.
 PANEL_DPI = 100
 PANEL_INCHES = (1.8, 2.2)
@@ -121,9 +124,9 @@ def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None
              torch.empty(len(range(n_query)[b]), 0, dtype=torch.int64, device=device)) for b in batches]
     starts = range(0, n, chunk_size)
     if progress:
-        from tqdm import tqdm
+        from sslsky.progress import track
 
-        starts = tqdm(starts, desc="search", unit="chunk", dynamic_ncols=True)
+        starts = track(starts, "search", "chunk")
     for start in starts:
         block = torch.from_numpy(np.asarray(database[start:start + chunk_size], dtype=np.float32)).to(device)  # (c, F)
         for b, batch in enumerate(batches):
@@ -191,7 +194,8 @@ class Embeddings:
             raise EmbeddingsError(f"{self.path} is not an sslsky embeddings file (format={EMBEDDINGS_FORMAT}); "
                                   f"make one with `sslsky embed`")
         self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.file.attrs.items()}
-        self.columns = {name: self.file[name][()] for name in COLUMNS if name in self.file}
+        self.columns = {name: read_ids(self.file[name]) if name == "object_id" else self.file[name][()]
+                        for name in COLUMNS if name in self.file}
         dataset = self.file["embeddings"]
         fits = dataset.size * dataset.dtype.itemsize <= cache_mb * 2**20
         self.vectors = dataset[()] if fits else dataset  # (N, F)
@@ -209,14 +213,18 @@ class Embeddings:
         ids = self.columns["object_id"]
         if self._sorter is None:
             self._sorter = np.argsort(ids, kind="stable")
-        wanted = np.asarray(object_ids, dtype=ids.dtype).reshape(-1)
+        try:
+            wanted = as_id_array([match_query(q, ids) for q in np.asarray(object_ids, dtype=object).reshape(-1)])
+        except ValueError as err:
+            raise EmbeddingsError(f"{err} ({self.path})") from None
         pos = np.minimum(np.searchsorted(ids, wanted, sorter=self._sorter), len(ids) - 1)
         rows = self._sorter[pos]
         missing = wanted[ids[rows] != wanted]
         if missing.size:
-            raise EmbeddingsError(f"object_id {', '.join(map(str, missing[:5].tolist()))} not in {self.path} "
-                                  f"({len(ids)} rows, object_id {ids.min()}..{ids.max()}); embed the shards that "
-                                  f"hold it, or check the id")
+            kind = "names such as " + repr(id_text(ids[0])) if is_string_ids(ids) else f"{ids.min()}..{ids.max()}"
+            raise EmbeddingsError(f"object_id {', '.join(map(id_text, missing[:5].tolist()))} not in {self.path} "
+                                  f"({len(ids)} rows, object_id {kind}); embed the shards that hold it, or check "
+                                  f"the id")
         return rows.astype(np.int64)
 
     def close(self) -> None:
@@ -236,7 +244,10 @@ def _write_part(path: Path, n: int, dim: int, columns: dict[str, np.ndarray]) ->
     handle.create_dataset("embeddings", shape=(n, dim), dtype=np.float32,
                           chunks=(rows_per_chunk, dim) if n else None)
     for name, values in columns.items():
-        handle.create_dataset(name, data=values)
+        if name == "object_id":
+            write_ids(handle, name, values)
+        else:
+            handle.create_dataset(name, data=values)
     return handle
 
 
@@ -252,7 +263,10 @@ def merge_parts(parts: list[Path], out: Path, attrs: dict, chunk_rows: int = 655
             dst.create_dataset("embeddings", shape=(n, dim), dtype=np.float32,
                                chunks=(rows_per_chunk, dim) if n else None)
             for name in COLUMNS:
-                dst.create_dataset(name, data=np.concatenate([h[name][()] for h in handles]))
+                if name == "object_id":
+                    write_ids(dst, name, np.concatenate([read_ids(h[name]) for h in handles]))
+                else:
+                    dst.create_dataset(name, data=np.concatenate([h[name][()] for h in handles]))
             at = 0
             for h in handles:
                 src = h["embeddings"]
@@ -305,7 +319,7 @@ def _embed(cfg: EmbedConfig) -> int:
     from torch.utils.data import DataLoader, Subset
 
     from sslsky.data.shards import ShardDataset
-    from sslsky.eval.encoders import load_encoder
+    from sslsky.eval.encoders import CheckpointError, load_encoder
     from sslsky.train.pretrain import autocast_dtype, pick_device
 
     rank, world = dist.rank(), dist.world_size()
@@ -316,8 +330,14 @@ def _embed(cfg: EmbedConfig) -> int:
     try:
         device = pick_device(cfg.device, dist.local_rank())
         amp_dtype = autocast_dtype(cfg.amp, device)
-        loaded = load_encoder(cfg.ckpt, stem=cfg.stem or None, device=device, survey=cfg.survey or None)
+        if not Path(cfg.ckpt).is_file():  # named before the data are looked at
+            raise CheckpointError(f"checkpoint {cfg.ckpt} does not exist")
         dataset = ShardDataset(cfg.data, split=cfg.split or None)
+        try:
+            survey = survey_of_images(dataset.attrs, cfg.survey)
+        except ValueError as err:
+            raise ConfigError(f"survey: {err}") from None
+        loaded = load_encoder(cfg.ckpt, stem=cfg.stem or None, device=device, survey=survey)
         _check_inputs(dataset, loaded, cfg)
         block = rank_block(len(dataset), rank, world)
         rows = dataset.indices[block.start:block.stop]  # (n,) global shard rows of this rank
@@ -330,9 +350,9 @@ def _embed(cfg: EmbedConfig) -> int:
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
         batches = loader
         if cfg.progress and rank == 0:
-            from tqdm import tqdm
+            from sslsky.progress import track
 
-            batches = tqdm(loader, desc=f"embed (rank 0/{world})", unit="batch", dynamic_ncols=True)
+            batches = track(loader, f"embed (rank 0/{world})", "batch")
         zero_rows, loop_started = 0, time.perf_counter()
         with _write_part(part, len(block), loaded.feature_dim, columns) as handle, torch.inference_mode():
             at = 0
@@ -360,6 +380,8 @@ def _embed(cfg: EmbedConfig) -> int:
                 "data": str(Path(cfg.data).resolve()), "split": cfg.split or "all",
                 "survey": str(dataset.attrs.get("survey") or loaded.info.get("survey") or cfg.survey or ""),
                 "bands": str(dataset.attrs.get("bands") or ""), "normalized": True, "ranks": world,
+                "label_column": str(dataset.attrs.get("label_column") or "morph_class"),
+                "label_names": json.dumps(dataset.attrs.get("label_names") or {}),
                 "device": device.type, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
                 "config": json.dumps(config_to_dict(cfg))}
     except Exception as err:  # noqa: BLE001 (reported to every rank below, then raised)
@@ -463,9 +485,9 @@ def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, qu
     block = max(query_batch, _QUERY_BLOCK_BYTES // (4 * emb.feature_dim))  # queries per pass over the database
     starts = range(0, queries.size, block)
     if progress:
-        from tqdm import tqdm
+        from sslsky.progress import track
 
-        starts = tqdm(starts, desc="evaluate", unit="pass", dynamic_ncols=True)
+        starts = track(starts, "evaluate", "pass")
     for start in starts:
         q = queries[start:start + block]  # increasing rows
         contiguous = q[-1] - q[0] + 1 == q.size
@@ -474,14 +496,12 @@ def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, qu
             vectors, emb.vectors, k, chunk_size, exclude=q, query_batch=query_batch, device=device)
     random_rows = rng.integers(0, len(emb) - 1, size=(queries.size, k))
     random_rows += random_rows >= queries[:, None]  # skip the query itself
-    from sslsky.data.votes import MORPH_CLASSES
-
     found = retrieval_metrics(queries, neighbours, morph_class, z)
     per_class = {}
     for c in np.unique(morph_class[queries]):
         if c >= 0:
             sel = morph_class[queries] == c
-            name = MORPH_CLASSES[c] if c < len(MORPH_CLASSES) else str(c)
+            name = _class_name(int(c), emb.attrs)
             per_class[name] = retrieval_metrics(queries[sel], neighbours[sel], morph_class, z)["class_agreement"]
     return {"k": k, "queries": int(queries.size), "rows": len(emb), "neighbours": found,
             "random": retrieval_metrics(queries, random_rows, morph_class, z),
@@ -494,21 +514,6 @@ def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, qu
 # ---------------------------------------------------------------------------
 
 
-def lupton_rgb(image: np.ndarray, bands: str, rgb_bands: str, stretch: float = 0.5, q: float = 10.0) -> np.ndarray:
-    """``(C, H, W)`` nanomaggies -> ``(H, W, 3)`` uint8 asinh composite (Lupton et al. 2004).
-
-    ``rgb_bands`` names the bands shown as red, green and blue (e.g. ``irg`` for SDSS, ``zrg`` for
-    DECaLS); the colour of each pixel is kept and its intensity stretched by asinh.
-    """
-    from astropy.visualization import make_lupton_rgb
-
-    missing = [b for b in rgb_bands if b not in bands]
-    if len(rgb_bands) != 3 or missing:
-        raise ValueError(f"rgb_bands={rgb_bands!r} must name 3 of the image's bands {bands!r}")
-    red, green, blue = (np.asarray(image[bands.index(b)], dtype=np.float64) for b in rgb_bands)
-    return make_lupton_rgb(red, green, blue, minimum=0.0, stretch=stretch, Q=q)
-
-
 def grid_size(n_panels: int, columns: int) -> tuple[int, int]:
     """(width, height) in pixels of a neighbour grid of ``n_panels`` panels, ``columns`` per line."""
     cols = min(n_panels, columns)
@@ -518,7 +523,8 @@ def grid_size(n_panels: int, columns: int) -> tuple[int, int]:
 
 def neighbour_grid(images: list[np.ndarray], titles: list[str], bands: str, rgb_bands: str, path: str | os.PathLike,
                    columns: int = 6, stretch: float = 0.5, q: float = 10.0) -> Path:
-    """A PNG of colour composites, the query first: ``images`` are ``(C, H, W)`` nanomaggies."""
+    """A PNG of colour composites, the query first: ``images`` are ``(C, H, W)`` nanomaggies (Lupton et al. 2004
+    composites of ``rgb_bands``, north up), or 8-bit colour images when ``bands`` is "RGB" (shown as they are)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -532,7 +538,11 @@ def neighbour_grid(images: list[np.ndarray], titles: list[str], bands: str, rgb_
         ax.axis("off")
     for i, (image, title) in enumerate(zip(images, titles)):
         ax = axes.flat[i]
-        ax.imshow(lupton_rgb(image, bands, rgb_bands, stretch, q), origin="lower", interpolation="nearest")
+        if bands == RGB_BANDS:  # a PNG/JPEG cutout: row 0 is the top
+            colour = np.clip(np.moveaxis(np.asarray(image), 0, -1), 0, 255).astype(np.uint8)
+            ax.imshow(colour, origin="upper", interpolation="nearest")
+        else:
+            ax.imshow(lupton_rgb(image, bands, rgb_bands, stretch, q), origin="lower", interpolation="nearest")
         ax.set_title(title, fontsize=7, color="crimson" if i == 0 else "black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -546,10 +556,11 @@ def neighbour_grid(images: list[np.ndarray], titles: list[str], bands: str, rgb_
 # ---------------------------------------------------------------------------
 
 
-def _class_name(c: int) -> str:
-    from sslsky.data.votes import MORPH_CLASSES
-
-    return MORPH_CLASSES[c] if 0 <= c < len(MORPH_CLASSES) else ("unknown" if c < 0 else str(c))
+def _class_name(c: int, attrs: dict) -> str:
+    """Name of class ``c`` of the embedded shards' label column ("unknown" for -1)."""
+    if c < 0:
+        return "unknown"
+    return class_names(c, attrs)[c]
 
 
 def _device(name: str) -> str:
@@ -558,7 +569,7 @@ def _device(name: str) -> str:
     return name
 
 
-def search(emb: Embeddings, object_id: int, cfg: SearchConfig) -> tuple[np.ndarray, np.ndarray, int]:
+def search(emb: Embeddings, object_id: int | str, cfg: SearchConfig) -> tuple[np.ndarray, np.ndarray, int]:
     """(scores (k,), rows (k,), query row) of the ``cfg.k`` nearest neighbours of ``object_id``."""
     row = emb.rows_of([object_id])
     query = np.asarray(emb.vectors[int(row[0]):int(row[0]) + 1], dtype=np.float32)  # (1, F)
@@ -582,10 +593,10 @@ def _images(emb: Embeddings, rows: list[int], data: str) -> tuple[list[np.ndarra
     images = []
     by_id = None
     for r in rows:
-        oid, g = int(emb.columns["object_id"][r]), int(emb.columns["index"][r])
-        if not (0 <= g < len(ids) and int(ids[g]) == oid):  # other shards than were embedded: find by id
+        oid, g = emb.columns["object_id"][r].item(), int(emb.columns["index"][r])
+        if not (0 <= g < len(ids) and ids[g].item() == oid):  # other shards than were embedded: find by id
             if by_id is None:
-                by_id = {int(v): i for i, v in enumerate(ids.tolist())}
+                by_id = {v: i for i, v in enumerate(ids.tolist())}
             if oid not in by_id:
                 raise EmbeddingsError(f"object_id {oid} is not in the shards {data}; pass the --data that was embedded "
                                       f"({emb.attrs.get('data')})")
@@ -623,12 +634,12 @@ def _print_neighbours(emb: Embeddings, cfg: SearchConfig) -> None:
     scores, rows, qrow = search(emb, cfg.query, cfg)
     seconds = time.perf_counter() - started
     cols = emb.columns
-    query_class = _class_name(int(cols["morph_class"][qrow]))
+    query_class = _class_name(int(cols["morph_class"][qrow]), emb.attrs)
     print(f"query {cfg.query} (row {qrow}): z={cols['z'][qrow]:.4f} class={query_class}")
     print(f"{'rank':>4}  {'object_id':>19}  {'cosine':>7}  {'z':>7}  class")
     for i, (score, r) in enumerate(zip(scores, rows), 1):
-        print(f"{i:>4}  {int(cols['object_id'][r]):>19}  {score:7.4f}  {cols['z'][r]:7.4f}  "
-              f"{_class_name(int(cols['morph_class'][r]))}")
+        print(f"{i:>4}  {id_text(cols['object_id'][r]):>19}  {score:7.4f}  {cols['z'][r]:7.4f}  "
+              f"{_class_name(int(cols['morph_class'][r]), emb.attrs)}")
     summary = (f"sslsky search: {cfg.k} neighbours of {cfg.query} among {len(emb)} embeddings "
                f"({'exact cosine, chunks of ' + str(cfg.chunk_size) if cfg.index == 'exact' else 'FAISS HNSW'}) "
                f"in {seconds:.3f} s")
@@ -637,10 +648,12 @@ def _print_neighbours(emb: Embeddings, cfg: SearchConfig) -> None:
         if not data:
             raise ConfigError("--png needs --data SHARDS (the embeddings file does not say which shards it came from)")
         images, bands, survey = _images(emb, [qrow, *rows.tolist()], data)
-        rgb = cfg.rgb_bands or RGB_BANDS.get(survey, bands[-1:-4:-1] if len(bands) >= 3 else "")
-        titles = [f"query {cfg.query}\nz={cols['z'][qrow]:.3f}\n{_class_name(int(cols['morph_class'][qrow]))}"]
-        titles += [f"{i}. {int(cols['object_id'][r])}\ncos={s:.3f} z={cols['z'][r]:.3f}\n"
-                   f"{_class_name(int(cols['morph_class'][r]))}" for i, (s, r) in enumerate(zip(scores, rows), 1)]
+        rgb = RGB_BANDS if bands == RGB_BANDS else (
+            cfg.rgb_bands or SURVEY_RGB_BANDS.get(survey, bands[-1:-4:-1] if len(bands) >= 3 else ""))
+        names = [_class_name(int(cols["morph_class"][r]), emb.attrs) for r in [qrow, *rows.tolist()]]
+        titles = [f"query {cfg.query}\nz={cols['z'][qrow]:.3f}\n{names[0]}"]
+        titles += [f"{i}. {id_text(cols['object_id'][r])}\ncos={s:.3f} z={cols['z'][r]:.3f}\n{names[i]}"
+                   for i, (s, r) in enumerate(zip(scores, rows), 1)]
         try:
             path = neighbour_grid(images, titles, bands, rgb, cfg.png, cfg.grid_columns, cfg.rgb_stretch, cfg.rgb_q)
         except ValueError as err:

@@ -59,13 +59,13 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from sslsky.augment import Reddening
+from sslsky.augment import Reddening, survey_of_images
 from sslsky.config import ConfigError, SupervisedEvalConfig, config_to_dict
 from sslsky.data.shards import ShardDataset
 from sslsky.eval.encoders import CheckpointError, EvalTransform, eval_transform, load_encoder
 from sslsky.models.encoders import ARCHITECTURES, STEMS, build_encoder
 from sslsky.models.heads import HEADS, build_head, init_prior
-from sslsky.surveys import get_survey
+from sslsky.surveys import Survey
 from sslsky.train.checkpoint import load_checkpoint, save_checkpoint
 from sslsky.train.schedules import warmup_cosine
 
@@ -252,16 +252,21 @@ class Backbone:
     in_channels: int
     feature_dim: int
     source: str  # the checkpoint layout, or "random" (scratch)
-    survey: str
+    survey: Survey  # the images' (extinction coefficients, sizes); colour packs: survey_of_images' own
 
 
-def data_survey_name(cfg: SupervisedEvalConfig, attrs: dict, ckpt_survey: str | None = None) -> str:
-    """The survey of the images (its extinction coefficients redden them): config, manifest, then checkpoint."""
+def data_survey(cfg: SupervisedEvalConfig, attrs: dict, ckpt_survey: str | None = None) -> Survey:
+    """The imaging of the data (:func:`survey_of_images`: the survey from config, manifest, then checkpoint, with
+    the pack's sizes); colour-image packs need no survey."""
     name = cfg.data.survey or attrs.get("survey") or ckpt_survey or ""
-    if not name:
+    try:
+        survey = survey_of_images(attrs, name)
+    except ValueError as err:  # an unknown survey name
+        raise ConfigError(f"data.survey: {err}") from None
+    if survey is None:
         raise ConfigError(f"the data in {cfg.data.path!r} do not say their survey (legacy HDF5?); "
                           f"set data.survey=sdss or data.survey=decals")
-    return name
+    return survey
 
 
 def build_backbone(cfg: SupervisedEvalConfig, attrs: dict, device: torch.device) -> Backbone:
@@ -269,8 +274,7 @@ def build_backbone(cfg: SupervisedEvalConfig, attrs: dict, device: torch.device)
     n_bands = len(attrs.get("bands") or "") or None
     if cfg.ckpt:
         try:
-            loaded = load_encoder(cfg.ckpt, stem=cfg.ckpt_stem or None, device="cpu",
-                                  survey=cfg.data.survey or attrs.get("survey") or None)
+            loaded = load_encoder(cfg.ckpt, stem=cfg.ckpt_stem or None, device="cpu", survey=data_survey(cfg, attrs))
         except CheckpointError as err:
             raise ConfigError(f"ckpt: {err}") from None
         if n_bands is not None and loaded.in_channels != n_bands:
@@ -279,11 +283,11 @@ def build_backbone(cfg: SupervisedEvalConfig, attrs: dict, device: torch.device)
         encoder, source = loaded.encoder, loaded.source
         if cfg.protocol == "scratch":  # same network and inputs, random weights
             encoder, source = build_encoder(loaded.arch, loaded.in_channels, loaded.stem), "random"
-        survey = data_survey_name(cfg, attrs, loaded.info.get("survey"))
+        survey = data_survey(cfg, attrs, loaded.info.get("survey"))
         return Backbone(encoder.to(device), loaded.transform.to(device), loaded.arch, loaded.stem,
                         loaded.in_channels, loaded.feature_dim, source, survey)
-    survey = data_survey_name(cfg, attrs)
-    in_channels = n_bands or get_survey(survey).n_bands
+    survey = data_survey(cfg, attrs)
+    in_channels = n_bands or survey.n_bands
     encoder = build_encoder(cfg.arch, in_channels, cfg.stem)
     info = {"stats": attrs.get("stats") or {}, "augment": {"geometry": {"crop_size": cfg.crop_size}}}
     transform = eval_transform(info, survey, in_channels, Path(cfg.data.path))
@@ -371,6 +375,9 @@ class Task:
     #: (head, train label values) -> None: the starting point of a head with its own ``loss`` (e.g. the train
     #: mean vote fractions); None: PyTorch's initialisation. Classification always starts at the class prior.
     init_head: Callable[[nn.Sequential, np.ndarray], None] | None = None
+    #: Classification: a kept model that gives every val galaxy the same class (with two or more classes in val)
+    #: is no result either (the majority class), like the prior (:attr:`SupervisedRun.prior_only`).
+    one_class_is_prior: bool = False
 
     @property
     def classification(self) -> bool:
@@ -430,8 +437,8 @@ def extract_features(encoder: nn.Module, transform: nn.Module, dataset: Dataset,
         x = transform(batch["image"].to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             parts["features"].append(encoder(x).float().cpu().numpy())
-        for name in ("object_id", "z", "ebv", "morph_class"):
-            parts[name].append(batch[name].numpy())
+        for name in ("object_id", "z", "ebv", "morph_class"):  # text ids come as a list of str
+            parts[name].append(np.asarray(batch[name]) if isinstance(batch[name], list) else batch[name].numpy())
         if "votes" in batch:
             parts.setdefault("votes", []).append(batch["votes"].numpy())
     if saved is not None:
@@ -516,10 +523,14 @@ class SupervisedRun:
     device: torch.device
     amp: torch.dtype | None
     history: list[dict] = field(default_factory=list)
-    best_epoch: int = 0  # 0: the prior (no epoch improved the val loss)
-    epochs_run: int = 0
+    best_epoch: int = 0  # 0: the prior (no epoch improved the val loss); LP-FT: 1..probe_epochs the probe
+    epochs_run: int = 0  # epochs trained, LP-FT probe epochs included
     train_time_s: float = 0.0
     test_features: dict | None = None  # linear protocol: precomputed
+    probe_epochs: int = 0  # LP-FT: epochs of the linear probe before fine-tuning (history stage "probe")
+    #: Why the kept model is only the prior (no epoch beat the untrained head on val, or it gives every val galaxy
+    #: one class); empty when it is a result. The eval commands refuse it (:func:`refuse_prior_only`).
+    prior_only: str = ""
 
     @property
     def n_train(self) -> int:
@@ -568,13 +579,14 @@ def _validate(model: Predictor, batches, task: Task, values: np.ndarray, amp: to
               device: torch.device) -> dict[str, float]:
     """Val loss (mean per galaxy) and the task's early-stopping score; ``values`` the val labels in batch order."""
     model.eval()
-    total, probs = 0.0, []
+    total, probs, predicted = 0.0, [], set()
     with torch.no_grad():
         for x, ebv, y in batches:
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(x, ebv).float()
             if task.classification:
                 total += F.cross_entropy(logits, y, reduction="sum").item()
+                predicted.update(logits.argmax(dim=1).unique().tolist())
             else:
                 total += task.loss(logits, y).sum().item()
             if task.val_score is not None:
@@ -582,7 +594,110 @@ def _validate(model: Predictor, batches, task: Task, values: np.ndarray, amp: to
     out = {"val_loss": total / len(values)}
     if task.val_score is not None:
         out[task.val_score_name] = float(task.val_score(np.concatenate(probs), values))
+    if task.classification:
+        out["val_classes_predicted"] = len(predicted)  # 1: every val galaxy gets the same class
     return out
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Put every BatchNorm layer of ``module`` in eval mode: it normalises with its running statistics and leaves
+    them unchanged (its affine scale and shift still train). Call after ``module.train()``."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return module
+
+
+def encoder_blocks(encoder: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+    """The encoder's parameters by block, top (next to the head) first: a ResNet's ``layer4``, ``layer3``,
+    ``layer2``, ``layer1``, then ``stem`` (everything else: conv1, bn1); another encoder is one block."""
+    layers = [name for name in ("layer4", "layer3", "layer2", "layer1") if isinstance(getattr(encoder, name, None),
+                                                                                     nn.Module)]
+    if not layers:
+        return [("encoder", list(encoder.parameters()))]
+    blocks = [(name, list(getattr(encoder, name).parameters())) for name in layers]
+    seen = {id(p) for _, params in blocks for p in params}
+    stem = [p for p in encoder.parameters() if id(p) not in seen]
+    return blocks + ([("stem", stem)] if stem else [])
+
+
+def optimizer_groups(cfg: SupervisedEvalConfig, head: nn.Module, encoder: nn.Module | None) -> list[dict]:
+    """AdamW parameter groups, each with ``name`` and ``lr_scale`` (its lr = the scheduled ``optim.lr`` x this).
+
+    head: 1. finetune: encoder block at depth d (0 = top, :func:`encoder_blocks`) ``optim.encoder_lr_factor x
+    optim.layer_decay ** d``. scratch: every block 1. linear (``encoder`` None): the head only.
+    """
+    groups = [{"name": "head", "params": list(head.parameters()), "lr_scale": 1.0}]
+    if encoder is None:
+        return groups
+    finetune = cfg.protocol == "finetune"
+    factor = cfg.optim.encoder_lr_factor if finetune else 1.0
+    decay = cfg.optim.layer_decay if finetune else 1.0
+    for depth, (name, params) in enumerate(encoder_blocks(encoder)):
+        if params:
+            groups.append({"name": f"encoder.{name}", "params": params, "lr_scale": factor * decay ** depth})
+    return groups
+
+
+def _probe_head(cfg: SupervisedEvalConfig, task: Task, head: nn.Module, feats: dict, val_feats: dict | None,
+                val_values: np.ndarray, monitor: str, best: dict, model: Predictor, device: torch.device,
+                amp: torch.dtype | None) -> tuple[list[dict], dict, int]:
+    """LP-FT's first stage: the head alone on frozen features, exactly as ``protocol=linear`` trains it (same
+    batches, schedule over ``optim.head_warmup_epochs``, early stopping with ``optim.patience``).
+
+    ``best`` (score, epoch, state) is the prior's; an improving probe epoch replaces it with ``model``'s state.
+    The head is left at the best probe epoch. Returns (history records, best, probe epochs run).
+    """
+    bs, n_epochs = cfg.data.batch_size, cfg.optim.head_warmup_epochs
+    probe = Predictor(nn.Identity(), head, cfg.use_ebv)  # shares ``head`` with ``model``
+    train = FeatureBatches(feats["features"], feats["ebv"], task.to_target(feats[task.label]), device,
+                           task.target_dtype)
+    val = FeatureBatches(val_feats["features"], val_feats["ebv"], task.to_target(val_feats[task.label]), device,
+                         task.target_dtype) if val_feats is not None else None
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    steps_per_epoch = max(1, len(train) // min(bs, len(train)))
+    records, bad, epoch = [], 0, 0
+    head_best = copy.deepcopy(head.state_dict())
+    while epoch < n_epochs:
+        probe.train()
+        losses = []
+        for i, (x, ebv, y) in enumerate(train.batches(bs, epoch=epoch, seed=cfg.seed)):
+            lr = warmup_cosine(epoch * steps_per_epoch + i, cfg.optim.lr, n_epochs * steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = _loss(task, probe(x, ebv).float(), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{task.name} {cfg.protocol} (linear-probe stage): loss is {loss.item()} "
+                                         f"at probe epoch {epoch}; lower optim.lr (now {cfg.optim.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        epoch += 1
+        record = {"epoch": epoch, "stage": "probe", "train_loss": float(np.mean(losses)), "lr": lr}
+        if val is not None:
+            record.update(_validate(probe, val.batches(bs), task, val_values, amp, device))
+            if record[monitor] < best["score"]:
+                head_best = copy.deepcopy(head.state_dict())
+                best = {"score": record[monitor], "epoch": epoch,
+                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                bad = 0
+            else:
+                bad += 1
+        else:
+            head_best = copy.deepcopy(head.state_dict())
+        records.append(record)
+        print(f"eval: probe epoch {epoch}/{n_epochs} " +
+              " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("train", "val"))), flush=True)
+        if val is not None and cfg.optim.patience > 0 and bad >= cfg.optim.patience:
+            break
+    head.load_state_dict(head_best)
+    return records, best, epoch
+
+
+def _loss(task: Task, logits: Tensor, y: Tensor) -> Tensor:
+    """Mean training loss of a batch: cross-entropy, or the task's own per-galaxy loss."""
+    return F.cross_entropy(logits, y) if task.classification else task.loss(logits, y).mean()
 
 
 def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
@@ -621,7 +736,7 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
         photometric = bool(splits.attrs.get("photometric", True))
         augment = None
         if cfg.augment:
-            extinction = get_survey(backbone.survey).extinction if photometric else None
+            extinction = backbone.survey.extinction if photometric else None
             augment = LightAugment(extinction).to(device)
         train_stream = ImageBatches(splits.train, task, backbone.transform, cfg, device, train=True, augment=augment)
         val_stream = ImageBatches(splits.val, task, backbone.transform, cfg, device, train=False) \
@@ -631,11 +746,17 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
 
     head = build_head(cfg.head.kind, backbone.feature_dim + int(cfg.use_ebv), task.n_outputs,
                       cfg.head.hidden, cfg.head.dropout)
-    if linear:
+    finetune = cfg.protocol == "finetune"
+    freeze_bn = finetune and cfg.optim.freeze_bn
+    lp_ft = finetune and cfg.optim.head_warmup_epochs > 0
+    if lp_ft:  # the linear probe's features (eval mode, every train row): exact statistics, as protocol=linear
+        feats = {"train": extract_features(backbone.encoder, backbone.transform, splits.train, cfg, device, amp)}
         stats = feats["train"]
-    else:  # features as training first sees them: BatchNorm on batch statistics, a sample of the train rows
+    elif linear:
+        stats = feats["train"]
+    else:  # features as training first sees them (BatchNorm on batch statistics unless frozen), some train rows
         stats = extract_features(backbone.encoder, backbone.transform, _sample(splits.train, STATS_ROWS), cfg,
-                                 device, amp, bn_train=True)
+                                 device, amp, bn_train=not freeze_bn)
     inputs = stats["features"]
     if cfg.use_ebv:
         inputs = np.concatenate([inputs, stats["ebv"][:, None].astype(np.float32)], axis=1)
@@ -647,10 +768,7 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
     elif task.init_head is not None:
         task.init_head(head, label_values(splits.train, task.label))
     model = Predictor(encoder, head, cfg.use_ebv).to(device)
-    encoder_lr = cfg.optim.lr * (cfg.optim.encoder_lr_factor if cfg.protocol == "finetune" else 1.0)
-    groups = [{"params": list(head.parameters()), "lr_scale": 1.0}]
-    if not linear:
-        groups.append({"params": list(encoder.parameters()), "lr_scale": encoder_lr / cfg.optim.lr})
+    groups = optimizer_groups(cfg, head, None if linear else encoder)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     steps_per_epoch = max(1, n_train // min(bs, n_train))
     total_steps = cfg.optim.epochs * steps_per_epoch
@@ -662,7 +780,7 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
     monitor = task.val_score_name if task.val_score is not None else "val_loss"
     val_values = label_values(splits.val, task.label)  # the val streams keep this order
     best = {"score": math.inf, "epoch": 0, "state": None}
-    start_epoch, bad_epochs, train_time = 0, 0, 0.0
+    start_epoch, bad_epochs, train_time, probe_epochs = 0, 0, 0.0, 0
     state_path = out / TRAIN_STATE
     ckpt_sha = checkpoint_sha256(cfg.ckpt) if cfg.ckpt else None
     if state_path.is_file():
@@ -674,7 +792,7 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
             start_epoch, bad_epochs, history = int(state["epoch"]), int(state["bad_epochs"]), list(state["history"])
             best = {"score": float(state["best_score"]), "epoch": int(state["best_epoch"]),
                     "state": state["best_state"]}
-            train_time = float(state["train_time_s"])
+            train_time, probe_epochs = float(state["train_time_s"]), int(state.get("probe_epochs", 0))
             torch.set_rng_state(state["rng_torch"])
             if device.type == "cuda" and state.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(state["rng_cuda"], device)
@@ -686,37 +804,50 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
     print(f"eval: {task.name} {cfg.protocol} | {backbone.arch} ({backbone.source}) | {n_train} labelled train "
           f"(label_fraction {cfg.label_fraction}), {len(splits.val)} val, {len(splits.test)} test | "
           f"device {device}, amp {amp}" + (f" | features in {feature_time:.1f} s" if linear else ""), flush=True)
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.optim.epochs, initial=start_epoch, desc=f"{task.name} {cfg.protocol}",
-                   dynamic_ncols=True)
 
     # ---- the epoch loop -----------------------------------------------------------------------
     epoch = start_epoch
-    if epoch == 0 and val_stream is not None:  # epoch 0 = the prior: early stopping never returns worse on val
+    fresh = epoch == 0
+    if fresh and val_stream is not None:  # epoch 0 = the prior: early stopping never returns worse on val
         vb = val_stream.batches(bs) if linear else val_stream.batches()
-        record = {"epoch": 0, **_validate(model, vb, task, val_values, amp, device)}
+        record = {"epoch": 0, "stage": "prior", **_validate(model, vb, task, val_values, amp, device)}
         best = {"score": record[monitor], "epoch": 0,
                 "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         history.append(record)
-    stopped_early = bool(history) and cfg.optim.patience > 0 and bad_epochs >= cfg.optim.patience
-    while epoch < cfg.optim.epochs and not stopped_early:
+    if fresh and lp_ft:  # LP-FT: epochs 1..probe_epochs train the head alone; fine-tuning starts from the best
+        t0 = time.perf_counter()
+        val_feats = extract_features(backbone.encoder, backbone.transform, splits.val, cfg, device, amp) \
+            if val_stream is not None else None
+        records, best, probe_epochs = _probe_head(cfg, task, head, feats["train"], val_feats, val_values, monitor,
+                                                  best, model, device, amp)
+        history.extend(records)
+        epoch = probe_epochs
+        train_time += time.perf_counter() - t0
+        print(f"eval: linear probe {probe_epochs} epoch(s), best epoch {best['epoch']} (0 = the prior); "
+              f"fine-tuning from it", flush=True)
+    bar = None
+    if cfg.progress:
+        from sslsky.progress import progress
+
+        bar = progress(cfg.optim.epochs, f"{task.name} {cfg.protocol}", initial=epoch - probe_epochs)
+    stopped_early = not fresh and cfg.optim.patience > 0 and bad_epochs >= cfg.optim.patience
+    while epoch - probe_epochs < cfg.optim.epochs and not stopped_early:
         t0 = time.perf_counter()
         model.train()
+        if freeze_bn:
+            freeze_batchnorm(encoder)
         if linear:
             batches = train_stream.batches(bs, epoch=epoch, seed=cfg.seed)
         else:
             batches = train_stream.batches(epoch=epoch, generator=aug_gen if cfg.augment else None)
         losses = []
         for i, (x, ebv, y) in enumerate(batches):
-            lr = warmup_cosine(epoch * steps_per_epoch + i, cfg.optim.lr, total_steps)
+            lr = warmup_cosine((epoch - probe_epochs) * steps_per_epoch + i, cfg.optim.lr, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(x, ebv)
-            loss = F.cross_entropy(logits.float(), y) if task.classification else task.loss(logits.float(), y).mean()
+            loss = _loss(task, logits.float(), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{task.name} {cfg.protocol}: loss is {loss.item()} at epoch {epoch}; "
                                          f"lower optim.lr (now {cfg.optim.lr})")
@@ -725,7 +856,7 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
             optimizer.step()
             losses.append(loss.item())
         epoch += 1
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": lr}
+        record = {"epoch": epoch, "stage": "train", "train_loss": float(np.mean(losses)), "lr": lr}
         if val_stream is not None:
             vb = val_stream.batches(bs) if linear else val_stream.batches()
             record.update(_validate(model, vb, task, val_values, amp, device))
@@ -745,13 +876,13 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
             "best_epoch": best["epoch"], "best_state": best["state"], "train_time_s": train_time,
             "rng_torch": torch.get_rng_state(), "rng_augment": aug_gen.get_state().cpu(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "config": config_to_dict(cfg), "ckpt_sha256": ckpt_sha,
+            "config": config_to_dict(cfg), "ckpt_sha256": ckpt_sha, "probe_epochs": probe_epochs,
         }, state_path, keep=0)
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k.startswith(("train", "val"))})
         else:
-            print(f"eval: epoch {epoch}/{cfg.optim.epochs} " +
+            print(f"eval: epoch {epoch - probe_epochs}/{cfg.optim.epochs} " +
                   " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("train", "val"))), flush=True)
     if bar is not None:
         bar.close()
@@ -762,11 +893,24 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
         best["epoch"] = epoch
     model.eval()
     why = "early stop" if stopped_early else "all epochs"
-    print(f"eval: trained {epoch} epoch(s) ({why}), best epoch by {monitor}: {best['epoch']} (0 = the prior), "
-          f"{train_time:.1f} s", flush=True)
+    probed = f", 1..{probe_epochs} the linear probe" if probe_epochs else ""
+    print(f"eval: trained {epoch} epoch(s) ({why}), best epoch by {monitor}: {best['epoch']} (0 = the prior"
+          f"{probed}), {train_time:.1f} s", flush=True)
+    prior_only = ""
+    kept = next((r for r in history if r["epoch"] == best["epoch"]), {})
+    if val_stream is not None and best["epoch"] == 0:
+        trained = [r[monitor] for r in history if r["epoch"] > 0 and monitor in r]
+        what = "class frequencies" if task.classification else "prior"
+        prior_only = (f"no epoch beat the untrained head (the train {what}) on val {monitor}: "
+                      f"{kept.get(monitor, math.nan):.4f} at the prior, best trained "
+                      f"{min(trained) if trained else math.nan:.4f} in {len(trained)} epoch(s)")
+    elif (val_stream is not None and task.classification and task.one_class_is_prior
+          and kept.get("val_classes_predicted") == 1 and len(np.unique(task.to_target(val_values))) > 1):
+        prior_only = (f"the kept model (epoch {best['epoch']}) gives every val galaxy the same class: "
+                      f"the majority class, not a classifier")
     return SupervisedRun(model=model, backbone=backbone, task=task, splits=splits, cfg=cfg, device=device, amp=amp,
                          history=history, best_epoch=best["epoch"], epochs_run=epoch, train_time_s=train_time,
-                         test_features=test_features)
+                         test_features=test_features, probe_epochs=probe_epochs, prior_only=prior_only)
 
 
 def clear_train_state(out: str | os.PathLike) -> None:

@@ -29,14 +29,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import SequentialSampler
 
-from sslsky.augment import AstroAugment
+from sslsky.augment import AstroAugment, resolve_geometry, survey_of_images
 from sslsky.config import ConfigError, PretrainConfig, config_to_dict, write_config
 from sslsky.data.schema import PER_BAND_COLUMNS
 from sslsky.data.shards import VOTES_LABEL, ShardDataset, batch_loader
 from sslsky.data.splits import split_mask
 from sslsky.data.votes import VoteSchema
 from sslsky.models import BYOL, HybridBYOL, MoCo, VoteModel
-from sslsky.surveys import Survey, get_survey
+from sslsky.surveys import Survey
 from sslsky.train import dist
 from sslsky.train.checkpoint import CHECKPOINT_PATTERN, load_latest, save_checkpoint
 from sslsky.train.preempt import PreemptionFlag, requeue_slurm_job
@@ -69,16 +69,20 @@ class BatchAugment(nn.Module):
 
 
 def data_survey(cfg: PretrainConfig, attrs: dict) -> Survey:
-    """The survey of the shards (manifest), checked against ``data.survey`` when both are given."""
+    """The imaging of the shards (:func:`survey_of_images`: survey, the pack's sizes; colour packs need none),
+    checked against ``data.survey`` when both are given."""
     packed, wanted = attrs.get("survey") or "", cfg.data.survey
     if packed and wanted and packed != wanted:
         raise ConfigError(f"data.survey={wanted!r} but the shards in {cfg.data.path} are {packed!r}; "
                           f"drop data.survey or point data.path at {wanted} shards")
-    name = packed or wanted
-    if not name:
+    try:
+        survey = survey_of_images(attrs, packed or wanted)
+    except ValueError as err:  # an unknown survey name
+        raise ConfigError(f"data.survey: {err}") from None
+    if survey is None:
         raise ConfigError(f"the shards in {cfg.data.path!r} do not say their survey (legacy HDF5?); "
                           f"set data.survey=sdss or data.survey=decals")
-    return get_survey(name)
+    return survey
 
 
 def build_augment(cfg: PretrainConfig, survey: Survey, dataset: ShardDataset) -> BatchAugment:
@@ -94,8 +98,12 @@ def build_augment(cfg: PretrainConfig, survey: Survey, dataset: ShardDataset) ->
             raise ConfigError(f"{bad.size} training images have no catalog E(B-V) (object_id {ids}...), which the "
                               f"reddening augmentation needs to de-redden; add the ebv column to the catalog and "
                               f"pack again, or set augment.reddening.enabled=false")
-    augment = AstroAugment(survey, cfg.augment, photometric=photometric, median=stats.get("median"),
-                           sigma=stats.get("sigma_mad"))
+    resolved = resolve_geometry(cfg.augment, survey)  # sizes from the pack; a crop that cannot fit is a config error
+    try:
+        augment = AstroAugment(survey, resolved, photometric=photometric, median=stats.get("median"),
+                               sigma=stats.get("sigma_mad"))
+    except ValueError as err:  # a setting the images cannot take (flux augmentations on colour images, ...)
+        raise ConfigError(f"augment: {err}") from None
     return BatchAugment(augment)
 
 
@@ -373,9 +381,9 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
               f"steps {step}->{cfg.optim.total_steps}, device {device}, amp {amp_dtype}", flush=True)
     bar = None
     if main and cfg.progress:
-        from tqdm import tqdm
+        from sslsky.progress import progress
 
-        bar = tqdm(total=cfg.optim.total_steps, initial=step, desc="pretrain", dynamic_ncols=True)
+        bar = progress(cfg.optim.total_steps, "pretrain", initial=step)
 
     def checkpoint() -> None:
         """Called on every rank at the same step; rank 0 writes."""
@@ -391,7 +399,8 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
                     **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
             "config": config_to_dict(cfg),
             "data_info": {"survey": survey.name, "bands": list(train_set.attrs.get("bands") or survey.bands),
-                          "stats": train_set.attrs.get("stats") or {}},
+                          "stats": train_set.attrs.get("stats") or {},
+                          "augment": config_to_dict(augment.augment.cfg)},  # cutout and crop sizes resolved
         }, run_dir / "checkpoints" / CHECKPOINT_PATTERN.format(step=step), keep=cfg.keep_checkpoints)
 
     # ---- the step loop -------------------------------------------------------------------------
@@ -486,7 +495,8 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
                 print("pretrain: not under SLURM; run the same command again to continue", flush=True)
         return 0
     if main:
-        path = export_encoder(model, cfg, survey, n_bands, train_set.attrs, run_dir / ENCODER_EXPORT)
+        path = export_encoder(model, cfg, survey, n_bands, train_set.attrs, run_dir / ENCODER_EXPORT,
+                              augment.augment.cfg)
         print(f"pretrain: finished {step} steps; encoder exported to {path}", flush=True)
     return 0
 
@@ -515,8 +525,13 @@ def gather_rng(gen: torch.Generator) -> list[torch.Tensor]:
     return [s for s in dist.all_gather_object(state)]
 
 
-def export_encoder(model, cfg: PretrainConfig, survey: Survey, n_bands: int, attrs: dict, path: Path) -> Path:
-    """The query encoder's weights plus what an evaluation needs to rebuild it (weights_only-safe)."""
+def export_encoder(model, cfg: PretrainConfig, survey: Survey, n_bands: int, attrs: dict, path: Path,
+                   augment_cfg=None) -> Path:
+    """The query encoder's weights plus what an evaluation needs to rebuild it (weights_only-safe).
+
+    ``augment_cfg``: the augmentation config with the cutout and crop sizes resolved for these shards
+    (default ``cfg.augment``), so an evaluation needs no survey to rebuild the eval view.
+    """
     save_checkpoint({
         "format": "sslsky-encoder-v1",
         "encoder": model.encoder_state_dict(),
@@ -526,7 +541,7 @@ def export_encoder(model, cfg: PretrainConfig, survey: Survey, n_bands: int, att
         "feature_dim": model.feature_dim,
         "method": cfg.method,
         "model": config_to_dict(cfg.model),
-        "augment": config_to_dict(cfg.augment),
+        "augment": config_to_dict(augment_cfg or cfg.augment),
         "survey": survey.name,
         "bands": list(survey.bands),
         "stats": attrs.get("stats", {}),
