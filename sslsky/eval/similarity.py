@@ -320,6 +320,7 @@ def _embed(cfg: EmbedConfig) -> int:
 
     from sslsky.data.shards import ShardDataset
     from sslsky.eval.encoders import CheckpointError, load_encoder
+    from sslsky.train.finetune import usable_cpus
     from sslsky.train.pretrain import autocast_dtype, pick_device
 
     rank, world = dist.rank(), dist.world_size()
@@ -347,7 +348,7 @@ def _embed(cfg: EmbedConfig) -> int:
         if channels_last:
             loaded.encoder.to(memory_format=torch.channels_last)
         loader = DataLoader(Subset(dataset, block), batch_size=cfg.batch_size, shuffle=False,
-                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+                            num_workers=min(cfg.num_workers, usable_cpus()), pin_memory=device.type == "cuda")
         batches = loader
         if cfg.progress and rank == 0:
             from sslsky.progress import track
