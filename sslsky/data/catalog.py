@@ -169,6 +169,7 @@ def _as_object_ids(column) -> tuple[np.ndarray, np.ndarray]:
 
 def _read_parquet(path: Path):
     """A Parquet file as an astropy Table, through pyarrow (nulls masked); astropy's reader needs pandas."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from astropy.table import MaskedColumn, Table
 
@@ -176,8 +177,10 @@ def _read_parquet(path: Path):
     columns = {}
     for name in arrow.column_names:
         chunked = arrow.column(name)
-        values = chunked.to_numpy(zero_copy_only=False)
         nulls = chunked.is_null().to_numpy(zero_copy_only=False)
+        if nulls.any() and pa.types.is_integer(chunked.type):  # to_numpy would make floats: 64-bit ids lose digits
+            chunked = chunked.fill_null(0)
+        values = chunked.to_numpy(zero_copy_only=False)
         if values.dtype == object:  # text (None for nulls) -> str
             values = np.array(["" if v is None else v.decode() if isinstance(v, bytes) else str(v) for v in values])
         columns[name] = MaskedColumn(values, mask=nulls) if nulls.any() else values
@@ -246,6 +249,25 @@ def _label_names(raw: dict, label_name: str, classes: np.ndarray) -> dict[int, s
         if k >= 0 and name.strip():
             out.setdefault(int(k), name.strip())
     return dict(sorted(out.items()))
+
+
+def _check_labels(column, name: str, path: Path) -> None:
+    """CatalogError unless every given value of the label column is a whole number that fits morph_class (int16).
+
+    Text classes ("smooth"), fractions (0.7) or huge numbers would otherwise become -1 or wrong classes silently.
+    """
+    values = _as_float(column, np.nan, np.float64)
+    limit = np.iinfo(SHARD_COLUMNS[LABEL_COLUMN])
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(values) & (np.mod(values, 1) == 0) & (values >= limit.min) & (values <= limit.max)
+    bad = np.flatnonzero(~_missing_mask(column) & ~ok)
+    if not bad.size:
+        return
+    data = np.ma.getdata(column)
+    what = "holds text, not integer classes" if data.dtype.kind in "USO" else "holds values that are not classes"
+    examples = ", ".join(f"row {int(r)}: {data[r].item()!r}" for r in bad[:3])
+    raise CatalogError(f"catalog {path}: label column {name!r} {what} ({bad.size} value(s); {examples}); give an "
+                       f"integer column (0, 1, ...; -1 unknown) with label_column=")
 
 
 def _pick_column(raw: dict, names: list, wanted: str, aliases: tuple[str, ...], what: str, path: Path) -> str | None:
@@ -325,10 +347,7 @@ def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5, id_column: str 
             columns[name] = _as_float(raw[name], fill, dtype)
     cat = Catalog(path, columns, legacy=legacy, id_column=id_name, label_column=label_name or LABEL_COLUMN)
     if label_name is not None:
-        if np.ma.getdata(raw[label_name]).dtype.kind in "USO" and not np.isfinite(
-                _as_float(raw[label_name], np.nan, np.float64)).any():
-            raise CatalogError(f"catalog {path}: label column {label_name!r} holds text, not integer classes; "
-                               f"give an integer column (0, 1, ...; -1 unknown) with label_column=")
+        _check_labels(raw[label_name], label_name, path)
         cat.label_names = _label_names(raw, label_name, columns[LABEL_COLUMN])
 
     vote_names = [name for name in names if name.startswith(VOTES_PREFIX)]
@@ -349,7 +368,7 @@ def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5, id_column: str 
         row = int(row)
         problems = [f"missing {name}" for name in ("ra", "dec", "file") if empty[name][row]]
         if bad_id[row]:
-            value = np.ma.getdata(raw["object_id"])[row]
+            value = np.ma.getdata(raw["object_id"])[row].item()  # a Python number: 0.5, not np.float64(0.5)
             problems.insert(0, f"missing {id_name}" if _missing_mask(raw["object_id"][row:row + 1])[0]
                             else f"{id_name} {value!r} is not a whole number")
         reasons[row] = "; ".join(problems)

@@ -173,7 +173,7 @@ def _read_simple_fits(path: Path) -> tuple[np.ndarray, dict] | None:
 
 #: Header keywords kept from each image HDU: bands, pixel scale (or the WCS that gives it), survey.
 _HEADER_KEYS = ("BANDS", "BAND", "FILTER", "EXTNAME", "PIXSCALE", "SURVEY", "CD1_1", "CD1_2", "CD2_1", "CD2_2",
-                "CDELT1", "CDELT2")
+                "CDELT1", "CDELT2", "PC1_1", "PC1_2", "PC2_1", "PC2_2")
 
 
 def _header_dict(header) -> dict:
@@ -201,7 +201,7 @@ def _hdu_band(header: dict) -> str:
         if value:
             return value
     name = str(header.get("EXTNAME", "")).strip()
-    return name if len(name) == 1 else ""
+    return name.lower() if len(name) == 1 else ""  # FITS writers upper-case EXTNAME ('G' for band g)
 
 
 def _read_fits_image(path: Path) -> tuple[np.ndarray, dict]:
@@ -257,7 +257,8 @@ def header_bands(header: dict, n_planes: int) -> str:
 
 
 def header_pixel_scale(header: dict) -> float | None:
-    """Arcsec per pixel: PIXSCALE, else from the WCS (sqrt |det CD|, or |CDELT2|), else None."""
+    """Arcsec per pixel: PIXSCALE, else from the WCS (sqrt |det CD|, or sqrt |CDELT1 CDELT2 det PC| as astropy
+    writes a CD matrix), else None."""
     if header.get("PIXSCALE") is not None:
         return float(header["PIXSCALE"])
     cd = [header.get(key) for key in ("CD1_1", "CD1_2", "CD2_1", "CD2_2")]
@@ -265,7 +266,10 @@ def header_pixel_scale(header: dict) -> float | None:
         c11, c12, c21, c22 = (float(v or 0.0) for v in cd)
         return float(np.sqrt(abs(c11 * c22 - c12 * c21)) * 3600.0)
     if header.get("CDELT2") is not None:
-        return float(abs(header["CDELT2"]) * 3600.0)
+        cdelt1 = float(header.get("CDELT1", header["CDELT2"]))
+        p11, p12, p21, p22 = (float(header.get(key, default)) for key, default in
+                              (("PC1_1", 1.0), ("PC1_2", 0.0), ("PC2_1", 0.0), ("PC2_2", 1.0)))
+        return float(np.sqrt(abs(cdelt1 * float(header["CDELT2"]) * (p11 * p22 - p12 * p21))) * 3600.0)
     return None
 
 
@@ -315,7 +319,7 @@ def read_rgb_image(path: str | os.PathLike) -> Cutout:
             data = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
     except CutoutError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CutoutError(path, f"not a readable PNG/JPEG image ({type(err).__name__}: {err})") from None
     return Cutout(np.ascontiguousarray(np.moveaxis(data, -1, 0)), RGB_BANDS, None, photometric=False)
 
@@ -365,10 +369,9 @@ def check_cutout(data: np.ndarray, path, expected_bands: str, bands: str, shape:
         if sorted(bands) != sorted(expected_bands) or len(set(bands)) != len(bands):
             raise CutoutError(path, f"wrong bands: {bands}, expected {expected_bands}")
         data = data[[bands.index(band) for band in expected_bands]]  # the same bands in another order
-    if shape is None:
-        if data.shape[1] != data.shape[2]:
-            raise CutoutError(path, f"image is {data.shape[1]}x{data.shape[2]}, not square; cut it square first")
-    elif tuple(data.shape[1:]) != tuple(shape):
+    if data.shape[1] != data.shape[2] and (shape is None or shape[0] == shape[1]):
+        raise CutoutError(path, f"image is {data.shape[1]}x{data.shape[2]}, not square; cut it square first")
+    if shape is not None and tuple(data.shape[1:]) != tuple(shape):
         raise CutoutError(path, f"wrong image size: {data.shape[1]}x{data.shape[2]}, expected {shape[0]}x{shape[1]} "
                                 "like the other cutouts of this pack (their pixel scale must agree)")
     if data.dtype == np.uint8:

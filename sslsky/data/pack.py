@@ -103,7 +103,7 @@ class Layout:
     pixel_scale: float | None  # arcsec / pixel of the stored images
     shape: tuple[int, int, int]  # (C, H, W) stored
     photometric: bool  # False for 8-bit colour images: flux-based augmentations must refuse them
-    source_size: int = 0  # H = W of the input cutouts (resampled to shape when they differ); 0: any (colour)
+    source_size: int = 0  # H = W of the inputs (resampled to shape when they differ); 0: any (colour, image_size=N)
     dtype: str = "float32"  # stored image dtype (PackConfig.dtype resolved)
 
     @property
@@ -150,11 +150,14 @@ def check_config(cfg: PackConfig) -> None:
 
 
 def _survey_of(bands: str, header_survey: str) -> str:
-    """Survey named in the header, else the one whose bands are ``bands``, else ""."""
+    """Survey named in the header, else the one whose bands are ``bands`` (in any order), else ""."""
     if header_survey.lower() in SURVEYS:
         return header_survey.lower()
     for name, survey in SURVEYS.items():
         if "".join(survey.bands) == bands:
+            return name
+    for name, survey in SURVEYS.items():  # the same bands in another order (BANDS='zrg'): reordered when packed
+        if sorted(survey.bands) == sorted(bands) and len(set(bands)) == len(bands):
             return name
     return ""
 
@@ -184,9 +187,10 @@ def _layout_of(cutout, path: str, cfg: PackConfig) -> Layout | str:
     kind = "bands" if BAND_PLACEHOLDER in path else "rgb" if cutout.bands == RGB_BANDS else "fits"
     if kind == "rgb":
         # Colour renderings of any square size are resampled (Lanczos) to image_size; their scale is their own.
+        # Without image_size every image must have the size of the pack (others are rejected, as the probe says).
         side = cfg.image_size or height
-        return Layout(kind, survey.name if survey else "", RGB_BANDS, None, (3, side, side), False, 0,
-                      _stored_dtype(cfg, False))
+        return Layout(kind, survey.name if survey else "", RGB_BANDS, None, (3, side, side), False,
+                      0 if cfg.image_size else height, _stored_dtype(cfg, False))
     name = survey.name if survey else _survey_of(cutout.bands, cutout.survey)
     known = SURVEYS.get(name)
     bands = "".join(known.bands) if known else cutout.bands

@@ -82,6 +82,7 @@ from sslsky.train.finetune import (
     finished_metrics,
     label_values,
     open_splits,
+    refuse_prior_only,
     resolve_device,
     train_supervised,
     write_json,
@@ -317,11 +318,12 @@ def _run_votes(cfg: EvalMorphConfig, schema: VoteSchema, out: Path) -> dict:
         r = _knn_votes(cfg, schema)
     else:
         run = train_supervised(cfg, vote_task(schema))
+        prior_only = refuse_prior_only(run, "eval-morph")  # raises PriorOnlyError unless optim.allow_prior
         pred = run.predict_test()
         r = {"splits": run.splits, "backbone": run.backbone, "concentrations": pred["concentrations"],
              "fractions": expected_fractions(pred["concentrations"], schema.slices), "counts": pred["votes"],
              "object_id": pred["object_id"], "history": run.history, "best_epoch": run.best_epoch,
-             "epochs_run": run.epochs_run, "train_time_s": run.train_time_s}
+             "epochs_run": run.epochs_run, "train_time_s": run.train_time_s, "prior_only": prior_only}
     splits, backbone, counts = r["splits"], r["backbone"], np.asarray(r["counts"], dtype=np.int64)
     metrics = vote_metrics(r["fractions"], counts, schema, r["concentrations"])
     mean = train_mean_fractions(label_values(splits.train, "votes"), schema.slices)
@@ -350,6 +352,7 @@ def _run_votes(cfg: EvalMorphConfig, schema: VoteSchema, out: Path) -> dict:
                 if cfg.protocol == "knn" else None),
         "arch": backbone.arch, "stem": backbone.stem, "encoder_source": backbone.source,
         "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"], "train_time_s": r["train_time_s"],
+        "prior_only": r.get("prior_only"),
         "history": r["history"], "plots": [str(p) for p in plots], "config": config_to_dict(cfg),
     }
     nll = f", NLL {metrics['vote_nll']:.3f}" if metrics["vote_nll"] is not None else ""
@@ -385,13 +388,16 @@ def run_morph(cfg: EvalMorphConfig) -> dict:
     if cfg.protocol == "knn":
         r = _knn(cfg, n_classes)
     else:
-        task = Task("morphology", "morph_class", n_classes, lambda c: np.asarray(c, dtype=np.int64))
+        task = Task("morphology", "morph_class", n_classes, lambda c: np.asarray(c, dtype=np.int64),
+                    one_class_is_prior=True)
         run = train_supervised(cfg, task)
+        prior_only = refuse_prior_only(run, "eval-morph")  # raises PriorOnlyError unless optim.allow_prior
         pred_cols = run.predict_test()
         r = {"splits": run.splits, "backbone": run.backbone, "probs": pred_cols["probs"],
              "pred": pred_cols["probs"].argmax(axis=1), "object_id": pred_cols["object_id"],
              "true": pred_cols["morph_class"].astype(np.int64), "history": run.history,
-             "best_epoch": run.best_epoch, "epochs_run": run.epochs_run, "train_time_s": run.train_time_s}
+             "best_epoch": run.best_epoch, "epochs_run": run.epochs_run, "train_time_s": run.train_time_s,
+             "prior_only": prior_only}
     splits, backbone = r["splits"], r["backbone"]
     metrics = classification_metrics(r["true"], r["pred"], n_classes, names)
     train_classes = splits.train.index.columns["morph_class"][splits.train.indices]
@@ -417,6 +423,7 @@ def run_morph(cfg: EvalMorphConfig) -> dict:
                 if cfg.protocol == "knn" else None),
         "arch": backbone.arch, "stem": backbone.stem, "encoder_source": backbone.source,
         "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"], "train_time_s": r["train_time_s"],
+        "prior_only": r.get("prior_only"),
         "history": r["history"], "plots": [str(p) for p in plots], "config": config_to_dict(cfg),
     }
     write_json(result, out / METRICS_FILE)

@@ -55,6 +55,7 @@ from sslsky.train.finetune import (
     clear_train_state,
     file_sha256,
     finished_metrics,
+    refuse_prior_only,
     train_supervised,
     write_json,
 )
@@ -94,6 +95,7 @@ def run_specz(cfg: EvalSpeczConfig) -> dict:
     task = Task("photoz", "z", cfg.n_bins, lambda z: redshift_to_bin(z, edges),
                 val_score=lambda pdf, z: float(np.mean(crps_binned(pdf, z, edges))), val_score_name="val_crps")
     run = train_supervised(cfg, task)
+    prior_only = refuse_prior_only(run, "eval-specz")  # raises PriorOnlyError unless optim.allow_prior
     pred = run.predict_test()
     pdf, z_spec = pred["probs"], pred["z"].astype(np.float64)  # (N, K), (N,)
     estimates = pdf_point_estimates(pdf, edges)
@@ -122,6 +124,7 @@ def run_specz(cfg: EvalSpeczConfig) -> dict:
         "n_bins": cfg.n_bins, "z_range": [cfg.z_min, cfg.z_max], "outlier_threshold": OUTLIER_THRESHOLD,
         "arch": run.backbone.arch, "stem": run.backbone.stem, "encoder_source": run.backbone.source,
         "best_epoch": run.best_epoch, "epochs_run": run.epochs_run, "train_time_s": run.train_time_s,
+        "prior_only": prior_only,
         "history": run.history, "plots": [str(p) for p in plots], "config": config_to_dict(cfg),
     }
     write_json(result, out / METRICS_FILE)

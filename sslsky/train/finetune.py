@@ -72,6 +72,8 @@ from sslsky.train.schedules import warmup_cosine
 PROTOCOLS = ("linear", "finetune", "scratch")
 TRAIN_STATE = "train_state.pt"
 METRICS_FILE = "metrics.json"
+#: What a task that kept only the prior leaves instead of metrics.json (history and config, no test metrics).
+PRIOR_ONLY_FILE = "metrics.prior_only.json"
 #: Config keys that do not change a result: a finished task with other values here is not run again.
 RUNTIME_KEYS = ("progress", "data.num_workers")
 #: Train rows whose features set the head's input standardisation (finetune / scratch).
@@ -916,3 +918,49 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
 def clear_train_state(out: str | os.PathLike) -> None:
     """Remove the resume state of a finished task."""
     (Path(out) / TRAIN_STATE).unlink(missing_ok=True)
+
+
+class PriorOnlyError(RuntimeError):
+    """The kept model is only the prior (:attr:`SupervisedRun.prior_only`): no result. The eval commands print it
+    and exit with status 4, as for a diverged training."""
+
+
+_PRIOR_ONLY_HINTS = {
+    "finetune": "optim.freeze_bn=true, optim.head_warmup_epochs=30 (LP-FT: fine-tuning starts from the linear "
+                "probe), a lower optim.encoder_lr_factor (0.1), more labels (label_fraction), or protocol=linear",
+    "linear": "more labels (label_fraction), another optim.lr, more optim.patience, or a better-trained encoder",
+    "scratch": "more labels (label_fraction), more optim.epochs / optim.patience, or a pretrained encoder "
+               "(protocol=finetune)",
+}
+
+
+def refuse_prior_only(run: SupervisedRun, command: str) -> str | None:
+    """Refuse a run that kept only the prior: write :data:`PRIOR_ONLY_FILE` (why, history, config), remove a stale
+    metrics.json and the resume state, raise :class:`PriorOnlyError` saying what happened and what to try.
+
+    With ``optim.allow_prior`` it only warns and returns the reason (metrics.json then carries it as
+    ``prior_only``); a run that is a result returns None.
+    """
+    cfg, out = run.cfg, Path(run.cfg.out)
+    if not run.prior_only:
+        (out / PRIOR_ONLY_FILE).unlink(missing_ok=True)  # from an earlier attempt
+        return None
+    what = (f"{command}: PRIOR ONLY, no result: {run.task.name} {cfg.protocol} with {run.n_train} labels kept the "
+            f"untrained head: {run.prior_only}")
+    if cfg.optim.allow_prior:
+        print(f"{what}; optim.allow_prior=true: written as metrics.json marked prior_only", flush=True)
+        return run.prior_only
+    write_json({
+        "prior_only": run.prior_only, "task": run.task.name, "protocol": cfg.protocol,
+        "label_fraction": cfg.label_fraction, "seed": cfg.seed, "n_train_labels": run.n_train,
+        "n_val": len(run.splits.val), "best_epoch": run.best_epoch, "epochs_run": run.epochs_run,
+        "probe_epochs": run.probe_epochs, "train_time_s": run.train_time_s, "history": run.history,
+        "ckpt": cfg.ckpt, "ckpt_sha256": checkpoint_sha256(cfg.ckpt) if cfg.ckpt else None,
+        "config": config_to_dict(cfg),
+    }, out / PRIOR_ONLY_FILE)
+    (out / METRICS_FILE).unlink(missing_ok=True)  # an older result here must not pass for this one
+    clear_train_state(out)
+    raise PriorOnlyError(f"{what}. Its predictions would be the train prior (the majority class), so no "
+                         f"{METRICS_FILE} was written; the history is in {out / PRIOR_ONLY_FILE}. Try "
+                         f"{_PRIOR_ONLY_HINTS.get(cfg.protocol, 'more labels')}; optim.allow_prior=true reports "
+                         f"it anyway, marked prior_only")
