@@ -158,6 +158,11 @@ def resolve_geometry(cfg: AugmentConfig, survey: Survey) -> AugmentConfig:
     """
     geo = dataclasses.replace(cfg.geometry, cutout_size=cfg.geometry.cutout_size or survey.cutout_size,
                               crop_size=cfg.geometry.crop_size or survey.crop_size)
+    if geo.crop_size == 0:  # the survey's crop is 0: images too small for the default geometry (e.g. 8x8 PNGs)
+        d = AugmentConfig.Geometry()
+        raise ConfigError(f"augment.geometry: no crop fits the {geo.cutout_size}x{geo.cutout_size} images under the "
+                          f"default geometry (rotation={d.rotation}, scale_min={d.scale_min}, jitter={d.jitter}); set "
+                          "augment.geometry.crop_size and lower augment.geometry.jitter, or use rotation=right")
     if not 0 < geo.crop_size <= geo.cutout_size:
         raise ConfigError(f"augment.geometry.crop_size={geo.crop_size} must be in [1, cutout_size="
                           f"{geo.cutout_size}]")

@@ -327,6 +327,8 @@ def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5, id_column: str 
             )
 
     n = len(raw["object_id"])
+    if n == 0:
+        raise CatalogError(f"catalog {path} has no rows; nothing to pack")
     object_id, bad_id = _as_object_ids(raw["object_id"])
     columns = {
         "object_id": object_id,
@@ -364,9 +366,16 @@ def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5, id_column: str 
     empty = {name: _missing_mask(raw[name]) for name in ("ra", "dec", "file")}
     empty["ra"] |= ~np.isfinite(columns["ra"])
     empty["dec"] |= ~np.isfinite(columns["dec"])
-    for row in np.flatnonzero(bad_id | empty["ra"] | empty["dec"] | empty["file"]):
+    with np.errstate(invalid="ignore"):  # degrees; ra in [0, 360) or [-180, 180), as catalogs write it
+        off_sky = ~empty["ra"] & ((columns["ra"] < -180.0) | (columns["ra"] > 360.0))
+        off_sky |= ~empty["dec"] & (np.abs(columns["dec"]) > 90.0)
+    for row in np.flatnonzero(bad_id | empty["ra"] | empty["dec"] | empty["file"] | off_sky):
         row = int(row)
         problems = [f"missing {name}" for name in ("ra", "dec", "file") if empty[name][row]]
+        if off_sky[row]:
+            swapped = "; ra and dec swapped?" if abs(columns["dec"][row]) > 90.0 else ""
+            problems.append(f"ra, dec = {columns['ra'][row]:.6g}, {columns['dec'][row]:.6g} is not a sky position "
+                            f"in degrees (ra in [-180, 360], dec in [-90, 90]{swapped})")
         if bad_id[row]:
             value = np.ma.getdata(raw["object_id"])[row].item()  # a Python number: 0.5, not np.float64(0.5)
             problems.insert(0, f"missing {id_name}" if _missing_mask(raw["object_id"][row:row + 1])[0]

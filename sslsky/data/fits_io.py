@@ -385,9 +385,14 @@ def check_cutout(data: np.ndarray, path, expected_bands: str, bands: str, shape:
                                     f"> max_bad_fraction={max_bad_fraction:g}")
         data = np.where(bad, np.float32(fill_value), data)
     if dtype == "float16":
-        peak = float(np.abs(data).max()) if data.size else 0.0
-        limit = float(np.finfo(np.float16).max)
-        if peak > limit:
-            raise CutoutError(path, f"pixel value {peak:.6g} overflows float16 (|x| <= {limit:g}); "
-                                    "pack with dtype=float32")
+        check_float16(data, path)
     return data, n_bad
+
+
+def check_float16(data: np.ndarray, path, when: str = "") -> None:
+    """CutoutError when a pixel of ``data`` would overflow float16 (``when``: e.g. " after resampling")."""
+    peak = float(np.abs(data).max()) if data.size else 0.0
+    limit = float(np.finfo(np.float16).max)
+    if peak > limit:
+        raise CutoutError(path, f"pixel value {peak:.6g}{when} overflows float16 (|x| <= {limit:g}); "
+                                "pack with dtype=float32")

@@ -53,7 +53,7 @@ import numpy as np
 import sslsky
 from sslsky.config import ConfigError, PackConfig, config_to_dict, write_config
 from sslsky.data.catalog import Catalog, read_catalog
-from sslsky.data.fits_io import CutoutError, check_cutout, read_cutout, read_legacy_image
+from sslsky.data.fits_io import CutoutError, check_cutout, check_float16, read_cutout, read_legacy_image
 from sslsky.data.ids import write_ids
 from sslsky.data.resample import noise_factor, pixel_scale_after, resample_flux, resize_rgb
 from sslsky.data.schema import (
@@ -412,6 +412,8 @@ def _write_shard(path: Path, rows: np.ndarray, key: str, cat: Catalog, layout: L
                 data, n_filled = check_cutout(data, cat.cutout_path(row), layout.bands, bands, source.source_shape(),
                                               cfg.max_bad_fraction, cfg.fill_value, layout.dtype)
                 data = source.to_stored(data)
+                if dtype == np.float16 and layout.resampled:  # resampling sums fluxes: check the range again
+                    check_float16(data, cat.cutout_path(row), f" after resampling to {height}x{width}")
             except CutoutError as err:
                 rejected.append((row, cat.columns["object_id"][row].item(), str(cat.columns["file"][row]),
                                  err.reason))
@@ -578,7 +580,7 @@ def finish(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, reports: li
         "pixel_scale": layout.pixel_scale,
         "photometric": layout.photometric,
         "image_shape": list(layout.shape),
-        "source_size": layout.source_size,  # input H = W (0: colour images of any size), resampled to image_shape
+        "source_size": layout.source_size,  # input H = W (0: colour images of any size, image_size=N), resampled
         "noise_scale": layout.noise_scale,  # per-pixel sky sigma of the stored images / of the inputs
         "dtype": layout.dtype,
         "id_column": cat.id_column,
