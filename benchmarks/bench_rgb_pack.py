@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import torch
+from bench_loader import rate  # same folder
 from torch.utils.data import RandomSampler
 
 from sslsky.config import MockConfig, PackConfig
@@ -24,15 +28,6 @@ from sslsky.data.mock import run_mock
 from sslsky.data.pack import run_pack
 from sslsky.data.shards import ShardDataset, batch_loader
 from sslsky.machine import describe_machine
-
-
-def rate(fn, seconds: float) -> float:
-    """Items per second of ``fn()`` (which returns how many items it read), run for ~``seconds``."""
-    fn()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        count += fn()
-    return count / (time.perf_counter() - start)
 
 
 def main() -> None:
