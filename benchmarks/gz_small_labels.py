@@ -123,9 +123,9 @@ def stage_transfer(args, work: Path) -> str:
         print(f"gz_small_labels: {'/'.join(PROTOCOLS)} with {n} labels, seeds {args.seeds}", flush=True)
         failed += run_sweep(cfg)
     if failed:
-        print(f"gz_small_labels: {failed} cell(s) failed or were refused (prior only, exit 4): listed as such",
-              flush=True)
-    return f"{failed} failed cell(s)"
+        print(f"gz_small_labels: {failed} sweep call(s) had cells without a result (failed, or refused as prior "
+              f"only: exit 4); the table counts them", flush=True)
+    return f"{failed} sweep call(s) with cells missing" if failed else "every cell ran"
 
 
 def summary(values: list[float]) -> str:
