@@ -103,11 +103,18 @@ def cmd_eval_morph(args: argparse.Namespace) -> int:
 
 
 def _run_eval(name: str, function, cfg) -> int:
-    """Run an evaluation; a diverged training (non-finite loss) is a message and exit status 4, as in pretrain."""
+    """Run an evaluation; a diverged training (non-finite loss) or one that kept only the prior (no epoch beat the
+    untrained head on val) is a message and exit status 4, as in pretrain."""
+    from sslsky.train.finetune import PriorOnlyError
+
     try:
         function(cfg)
     except FloatingPointError as err:
         print(f"sslsky {name}: stopped: {err} (no metrics.json written in {cfg.out})", file=sys.stderr, flush=True)
+        return 4
+    except PriorOnlyError as err:
+        bar = "!" * 100
+        print(f"{bar}\nsslsky {err}\n{bar}", file=sys.stderr, flush=True)
         return 4
     return 0
 
@@ -191,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-specz", help="photo-z from images: redshift bins (linear / finetune / scratch), "
                                           "metrics.json, predictions.h5 with PDFs, plots (= python eval_specz.py)",
                        epilog="exit status: 0 done (or already done for this config), 2 config, checkpoint or data "
-                              "error, 4 training diverged (non-finite loss: lower optim.lr)")
+                              "error, 4 training diverged (non-finite loss: lower optim.lr) or kept only the "
+                              "prior (no metrics.json; see OUT/metrics.prior_only.json)")
     _add_config_args(p)
     p.set_defaults(func=cmd_eval_specz)
 
@@ -199,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(target=class, confusion-matrix plot) or Galaxy Zoo vote fractions "
                                           "(target=votes, Dirichlet-multinomial); metrics.json, predictions.h5",
                        epilog="exit status: 0 done (or already done for this config), 2 config, checkpoint or data "
-                              "error, 4 training diverged (non-finite loss: lower optim.lr)")
+                              "error, 4 training diverged (non-finite loss: lower optim.lr) or kept only the "
+                              "prior (no metrics.json; see OUT/metrics.prior_only.json)")
     _add_config_args(p)
     p.set_defaults(func=cmd_eval_morph)
     return parser

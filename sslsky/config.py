@@ -251,13 +251,17 @@ class FinetuneOptimConfig:
     epochs: int = 30  # at most this many passes over the labelled train rows
     patience: int = 5  # stop after this many epochs without a better val score (photo-z CRPS, else loss); 0: never
     #: finetune: the encoder's BatchNorm layers stay in eval mode (pretraining running statistics, unchanged;
-    #: their scale and shift still train): train, val and test normalise alike.
+    #: their scale and shift still train). Off: with the encoder at 1x it rarely beat the probe (README).
     freeze_bn: bool = False
+    #: finetune / scratch: before each validation the encoder's BatchNorm running statistics are re-estimated
+    #: (precise BN) on up to 2048 train rows, un-augmented, with the epoch's weights. On: the running averages lag
+    #: the weights with a few steps per epoch, the val loss spikes and early stopping kept the prior (README).
+    precise_bn: bool = True
     #: finetune: per-block lr decay (Zoobot style): ResNet layer4 at the encoder lr, layer3 x this, ... stem x this^4.
     layer_decay: float = 1.0
     #: finetune, LP-FT (Kumar et al. 2022): first train the head alone on frozen features (the linear probe, for
     #: up to this many epochs with optim.patience), then fine-tune from it; 0: start from the prior.
-    head_warmup_epochs: int = 0
+    head_warmup_epochs: int = 30
     #: true: a model that kept only the prior is written as metrics.json marked prior_only; false: exit status 4.
     allow_prior: bool = False
 

@@ -106,7 +106,7 @@ def test_knn_vote_ties_and_weights():
 def test_linear_and_rerun(packed_mock, encoder_path, tmp_path, capsys):
     out = tmp_path / "linear"
     args = morph_args(packed_mock, out, f"ckpt={encoder_path}", "protocol=linear", "label_fraction=0.3",
-                      "plots=false")
+                      "plots=false", "optim.allow_prior=true")  # 31 labels, 2 epochs: plumbing, not a result
     assert main(args) == 0
     m = json.loads((out / "metrics.json").read_text())
     n_all = len(ShardDataset(packed_mock, split="train", label="morph_class"))
@@ -124,7 +124,8 @@ def test_linear_and_rerun(packed_mock, encoder_path, tmp_path, capsys):
 def test_scratch_without_checkpoint_uses_the_config_network(packed_mock, tmp_path):
     cfg = load_config(EvalMorphConfig, REPO / "config" / "eval_morph.yaml",
                       morph_args(packed_mock, tmp_path / "s", "ckpt=", "protocol=scratch", "arch=resnet18",
-                                 "stem=imagenet", "crop_size=32", "optim.epochs=1", "plots=false")[3:])
+                                 "stem=imagenet", "crop_size=32", "optim.epochs=1", "plots=false",
+                                 "optim.allow_prior=true")[3:])
     m = morphology.run_morph(cfg)
     assert (m["arch"], m["stem"], m["encoder_source"], m["ckpt"]) == ("resnet18", "imagenet", "random", "")
     assert math.isfinite(m["accuracy"]) and m["epochs_run"] == 1

@@ -107,10 +107,12 @@ def test_linear_outputs_contract_and_idempotent_rerun(packed_mock, encoder_path,
 def test_finetune_with_ebv_augment_and_label_fraction(packed_mock, encoder_path, tmp_path):
     m = photoz.run_specz(specz_config(packed_mock, tmp_path / "ft", f"ckpt={encoder_path}", "protocol=finetune",
                                       "label_fraction=0.5", "use_ebv=true", "augment=true", "head.kind=mlp",
-                                      "head.hidden=32", "plots=false"))
+                                      "head.hidden=32", "plots=false", "optim.allow_prior=true"))  # plumbing
     n_all = len(finetune.ShardDataset(packed_mock, split="train", label="z"))
     assert m["n_train_labels"] == round(0.5 * n_all)
-    assert m["epochs_run"] == 2 and [h["epoch"] for h in m["history"]] == [0, 1, 2]
+    stages = [h["stage"] for h in m["history"]]  # LP-FT (the default): the prior, the probe, then 2 epochs
+    assert stages == ["prior"] + ["probe"] * 30 + ["train"] * 2, stages
+    assert m["epochs_run"] == 32 and [h["epoch"] for h in m["history"]] == list(range(33))
     assert all(math.isfinite(h["val_crps"]) for h in m["history"])
     assert m["encoder_source"] == "sslsky" and math.isfinite(m["crps"])
     assert not (tmp_path / "ft" / "plots").exists()

@@ -4,8 +4,15 @@ Protocols (``cfg.protocol``):
 
 - ``linear``: the pretrained encoder is frozen (eval mode, so BatchNorm uses its running statistics);
   features of the train / val / test rows are computed once, then only the head is trained.
-- ``finetune``: the whole network is trained from the pretrained weights; the encoder's learning rate is
-  ``optim.lr x optim.encoder_lr_factor``, the head's ``optim.lr``.
+- ``finetune``: the whole network is trained from the pretrained weights, LP-FT style (Kumar et al. 2022) by
+  default: with ``optim.head_warmup_epochs`` > 0, epochs 1..P first train the head alone on frozen features
+  (the linear probe, batch for batch what ``protocol=linear`` does, early-stopped with ``optim.patience``),
+  and fine-tuning starts from the best probe head, so early stopping never keeps anything worse on val than
+  the linear probe. The head's lr is ``optim.lr``; encoder block d (0 = ResNet ``layer4``, 1 = ``layer3``,
+  ..., 4 = the stem; :func:`encoder_blocks`) trains at ``optim.lr x optim.encoder_lr_factor x
+  optim.layer_decay ** d`` (:func:`optimizer_groups`). With ``optim.freeze_bn`` the encoder's BatchNorm layers
+  stay in eval mode: they normalise with the pretraining running statistics, which never change (their scale
+  and shift still train), so train, val and test see one normalisation.
 - ``scratch``: the same network with random initialisation (the supervised baseline), all at ``optim.lr``.
   Architecture, stem, bands and input transform come from ``cfg.ckpt`` when one is given (so scratch and
   finetune see identical inputs), else from ``cfg.arch`` / ``cfg.stem`` / ``cfg.crop_size`` and the manifest.
@@ -16,7 +23,12 @@ epoch: early stopping on the task's val score (``Task.val_score``: mean CRPS for
 loss) with ``optim.patience``; the best epoch's weights are kept. Epoch 0 is the untrained head, which
 starts at the train class frequencies (:func:`sslsky.models.heads.init_prior`; a task with its own loss:
 ``Task.init_head``, e.g. the train-mean vote fractions), so with few labels a model that only overfits comes
-back as the prior rather than something worse.
+back as the prior rather than something worse -- and the prior is no result: when the kept epoch is 0 (or, for
+a task with ``Task.one_class_is_prior``, the kept model gives every val galaxy one class),
+``SupervisedRun.prior_only`` says why and the eval commands refuse it (:func:`refuse_prior_only`: a message,
+``OUT/metrics.prior_only.json`` with the history, no metrics.json, exit status 4; ``optim.allow_prior=true``
+writes it as metrics.json marked ``prior_only``). History records carry ``stage``: ``prior`` (epoch 0),
+``probe`` (LP-FT) or ``train``; ``best_epoch`` and ``epochs_run`` count all of them.
 
 Inputs: the centred crop and flux normalisation the encoder was pretrained with (``load_encoder``'s
 transform). With ``cfg.augment`` (finetune / scratch) training crops get a random flip + 90-degree rotation
@@ -25,15 +37,18 @@ from the footprint distribution). With ``cfg.use_ebv`` the E(B-V) is concatenate
 et al. 2019); under the reddening augmentation that input is the drawn E(B-V), the one the image now shows.
 
 Head: :func:`sslsky.models.heads.build_head` (linear or MLP) behind a fixed standardisation of its inputs
-(statistics of the train features: exact for linear; for finetune / scratch from up to ``STATS_ROWS`` train
-rows through the initial encoder with BatchNorm on batch statistics); loss: cross-entropy over the task's
-classes (redshift bins for photo-z), or the task's own per-galaxy ``Task.loss`` averaged over the batch (vote
-counts: Dirichlet-multinomial NLL; see :mod:`sslsky.eval.morphology`). Optimiser: AdamW, cosine decay over
-``optim.epochs``. Seeded (init, label subset, data order, augmentation); bf16 autocast on GPU (``cfg.amp``).
+(statistics of the train features: exact for linear and LP-FT; otherwise from up to ``STATS_ROWS`` train rows
+through the initial encoder with BatchNorm as training uses it, batch statistics unless frozen); loss:
+cross-entropy over the task's classes (redshift bins for photo-z), or the task's own per-galaxy ``Task.loss``
+averaged over the batch (vote counts: Dirichlet-multinomial NLL; see :mod:`sslsky.eval.morphology`).
+Optimiser: AdamW (``optim.weight_decay``), cosine decay over ``optim.epochs``. Seeded (init, label subset,
+data order, augmentation); bf16 autocast on GPU (``cfg.amp``).
 
 Resume: after every epoch the training state goes atomically to ``OUT/train_state.pt``; a task started again
-with the same config and checkpoint (SHA-256) continues from there (a SLURM requeue loses at most one epoch).
-The file is removed when the task finishes.
+with the same config and checkpoint (SHA-256) continues from there (a SLURM requeue loses at most one epoch;
+the LP-FT probe, seconds on precomputed features, is not checkpointed: a task stopped during it runs it again).
+Schedules are functions of the epoch (the fine-tuning cosine of epoch - P). The file is removed when the task
+finishes.
 
 Helpers for the task modules: :func:`finished_metrics` (the idempotence check, also used by the sweep to find
 stale cells), :func:`checkpoint_sha256` (cached per file version) and :func:`write_json`.
@@ -610,6 +625,28 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(encoder: nn.Module, transform: nn.Module, dataset: Dataset, cfg: SupervisedEvalConfig,
+                          device: torch.device, amp: torch.dtype | None = None) -> None:
+    """Precise BatchNorm (Wu & Johnson 2021): the running statistics of every BatchNorm layer of ``encoder`` become
+    the plain average of the batch statistics over ``dataset`` (un-augmented crops, full training batches) under
+    the current weights. The encoder is left in eval mode."""
+    layers = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not layers:
+        return
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    encoder.train()
+    for batch in _loader(dataset, cfg, device, train=True):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            encoder(transform(batch["image"].to(device, non_blocking=True)))
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    encoder.eval()
+
+
 def encoder_blocks(encoder: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     """The encoder's parameters by block, top (next to the head) first: a ResNet's ``layer4``, ``layer3``,
     ``layer2``, ``layer1``, then ``stem`` (everything else: conv1, bn1); another encoder is one block."""
@@ -751,6 +788,8 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
     finetune = cfg.protocol == "finetune"
     freeze_bn = finetune and cfg.optim.freeze_bn
     lp_ft = finetune and cfg.optim.head_warmup_epochs > 0
+    precise_bn = not linear and not freeze_bn and cfg.optim.precise_bn
+    bn_rows = _sample(splits.train, STATS_ROWS)
     if lp_ft:  # the linear probe's features (eval mode, every train row): exact statistics, as protocol=linear
         feats = {"train": extract_features(backbone.encoder, backbone.transform, splits.train, cfg, device, amp)}
         stats = feats["train"]
@@ -859,6 +898,8 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
             losses.append(loss.item())
         epoch += 1
         record = {"epoch": epoch, "stage": "train", "train_loss": float(np.mean(losses)), "lr": lr}
+        if precise_bn:  # the statistics of this epoch's weights, not a lagging average over the last batches
+            recalibrate_batchnorm(encoder, backbone.transform, bn_rows, cfg, device, amp)
         if val_stream is not None:
             vb = val_stream.batches(bs) if linear else val_stream.batches()
             record.update(_validate(model, vb, task, val_values, amp, device))
@@ -902,8 +943,7 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
     kept = next((r for r in history if r["epoch"] == best["epoch"]), {})
     if val_stream is not None and best["epoch"] == 0:
         trained = [r[monitor] for r in history if r["epoch"] > 0 and monitor in r]
-        what = "class frequencies" if task.classification else "prior"
-        prior_only = (f"no epoch beat the untrained head (the train {what}) on val {monitor}: "
+        prior_only = (f"no epoch beat the untrained head (the train distribution of the labels) on val {monitor}: "
                       f"{kept.get(monitor, math.nan):.4f} at the prior, best trained "
                       f"{min(trained) if trained else math.nan:.4f} in {len(trained)} epoch(s)")
     elif (val_stream is not None and task.classification and task.one_class_is_prior
@@ -945,10 +985,11 @@ def refuse_prior_only(run: SupervisedRun, command: str) -> str | None:
     if not run.prior_only:
         (out / PRIOR_ONLY_FILE).unlink(missing_ok=True)  # from an earlier attempt
         return None
-    what = (f"{command}: PRIOR ONLY, no result: {run.task.name} {cfg.protocol} with {run.n_train} labels kept the "
-            f"untrained head: {run.prior_only}")
+    what = (f"{command}: PRIOR ONLY, no result: {run.task.name} {cfg.protocol} with {run.n_train} labels kept only "
+            f"the prior: {run.prior_only}")
     if cfg.optim.allow_prior:
         print(f"{what}; optim.allow_prior=true: written as metrics.json marked prior_only", flush=True)
+        (out / PRIOR_ONLY_FILE).unlink(missing_ok=True)
         return run.prior_only
     write_json({
         "prior_only": run.prior_only, "task": run.task.name, "protocol": cfg.protocol,
@@ -960,7 +1001,7 @@ def refuse_prior_only(run: SupervisedRun, command: str) -> str | None:
     }, out / PRIOR_ONLY_FILE)
     (out / METRICS_FILE).unlink(missing_ok=True)  # an older result here must not pass for this one
     clear_train_state(out)
-    raise PriorOnlyError(f"{what}. Its predictions would be the train prior (the majority class), so no "
+    raise PriorOnlyError(f"{what}. Its predictions would not depend on the galaxy, so no "
                          f"{METRICS_FILE} was written; the history is in {out / PRIOR_ONLY_FILE}. Try "
                          f"{_PRIOR_ONLY_HINTS.get(cfg.protocol, 'more labels')}; optim.allow_prior=true reports "
                          f"it anyway, marked prior_only")
