@@ -31,7 +31,9 @@ Contract (the label-fraction sweep relies on it):
 - ``cfg.out/metrics.json`` keys, both targets: ``task`` ("morph"), ``target`` ("class" | "votes"),
   ``protocol``, ``label_fraction``, ``seed``, ``n_train_labels``, ``n_val``, ``n_test``, ``ckpt``,
   ``ckpt_sha256``; ``knn`` (k, weighting; null for the trained protocols); ``history``, ``best_epoch``,
-  ``epochs_run``, ``config``.
+  ``epochs_run``, ``config``; ``prior_only``: null, or with ``optim.allow_prior`` why the kept model is only
+  the prior (epoch 0; classes: or one class for every val galaxy). Without it such a model is refused: no
+  metrics.json, exit status 4, ``cfg.out/metrics.prior_only.json`` (:func:`sslsky.train.finetune.refuse_prior_only`).
 
   - class: test-split ``accuracy``, ``macro_f1``, ``recall`` (class name -> recall, null for a class absent
     from the test split), ``precision``, ``f1``, ``support``, ``confusion_matrix`` (rows true, columns

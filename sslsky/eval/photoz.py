@@ -22,7 +22,9 @@ Contract (the label-fraction sweep relies on it):
   test-split metrics of the PDF mean ``sigma_mad``, ``bias``, ``eta``, ``bin_accuracy``, ``crps``, ``n``;
   ``by_estimate`` (the same for ``mean``, ``median``, ``mode``); ``median_z_baseline`` (metrics of predicting
   the train median z for every galaxy); ``history`` (per-epoch losses, val CRPS), ``best_epoch``,
-  ``epochs_run``, ``train_time_s``, ``config``.
+  ``epochs_run``, ``train_time_s``, ``config``; ``prior_only``: null, or with ``optim.allow_prior`` why the
+  kept model is only the prior. Without it such a model is refused: no metrics.json, exit status 4,
+  ``cfg.out/metrics.prior_only.json`` (:func:`sslsky.train.finetune.refuse_prior_only`).
 - ``cfg.out/predictions.h5`` (atomic): per test galaxy ``object_id``, ``z_spec``, ``ebv``, ``z_mean``,
   ``z_median``, ``z_mode`` (N,) and ``pdf`` (N, K) float32 summing to 1, plus ``bin_edges`` (K + 1,).
 - ``cfg.out/plots/``: ``zphot_vs_zspec.png`` (density, 1:1 and outlier lines, metrics in the legend),

@@ -16,6 +16,12 @@ Protocols (``cfg.protocol``):
 - ``scratch``: the same network with random initialisation (the supervised baseline), all at ``optim.lr``.
   Architecture, stem, bands and input transform come from ``cfg.ckpt`` when one is given (so scratch and
   finetune see identical inputs), else from ``cfg.arch`` / ``cfg.stem`` / ``cfg.crop_size`` and the manifest.
+- finetune and scratch, ``optim.precise_bn`` (default on, unless ``freeze_bn``): before each validation the
+  encoder's BatchNorm running statistics are re-estimated with the epoch's weights over up to ``STATS_ROWS``
+  un-augmented train rows (:func:`recalibrate_batchnorm`). With a few hundred labels an epoch is a few steps,
+  the momentum-0.1 running averages still hold the pretraining statistics, and the eval-mode val loss of
+  good weights spiked (5.4 against 1.6 with batch statistics) until early stopping kept the prior (README,
+  "Fine-tuning on few labels").
 
 Data: ``ShardDataset`` splits. Train = the labelled train rows thinned to ``cfg.label_fraction`` (seeded by
 ``cfg.seed``, nested across fractions); val and test = all labelled rows of those splits. Val only picks the
