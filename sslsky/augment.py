@@ -114,7 +114,7 @@ def geometry_crop_limit(cutout_size: int, geo: AugmentConfig.Geometry) -> int:
     return largest_crop(cutout_size, geo.rotation, geo.scale_min, geo.jitter, geo.interpolation)
 
 
-#: Sizes of a colour-image pack (no survey): the crop is the largest that fits the default geometry.
+#: Name of the Survey that survey_of_images builds for a colour-image pack: no survey (nothing photometric).
 RGB_SURVEY_NAME = ""
 
 

@@ -17,6 +17,7 @@ confusion distribution alone.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,8 +80,6 @@ def class_names(max_class: int, attrs: dict | None = None) -> list[str]:
     attrs = attrs or {}
     packed = attrs.get("label_names") or {}
     if isinstance(packed, str):  # JSON in HDF5 attributes
-        import json
-
         packed = json.loads(packed)
     if packed:
         return [str(packed.get(str(k), k)) for k in range(max_class + 1)]
