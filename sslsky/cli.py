@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sslsky.config import ConfigError, MockConfig, PackConfig, PretrainConfig, load_config
+from sslsky.config import MockConfig, PackConfig, PretrainConfig, load_config
+from sslsky.errors import ConfigError, DataError, DiskFullError, is_no_space, user_message
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -217,13 +218,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{_order_hint(unknown)}")
     args.argv = argv  # what was asked for, recorded next to outputs (e.g. the run's command.txt)
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
         print(f"sslsky {args.command}: config error: {err}", file=sys.stderr)
         return 2
+    except DataError as err:
+        print(f"sslsky {args.command}: data error: {user_message(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if not is_no_space(err):
+            raise
+        print(f"sslsky {args.command}: {err if isinstance(err, DiskFullError) else err.strerror or err}",
+              file=sys.stderr)
+        return 2
+
+
+def _order_hint(unknown: list[str]) -> str:
+    """argparse reads key=value overrides only after the options: say so when that is what went wrong."""
+    if any("=" in item and not item.startswith("-") for item in unknown):
+        return ("\nhint: put all key=value overrides together at the end, after --config and the other options, "
+                "e.g. `sslsky pretrain --config FILE optim.base_lr=0.01 seed=3`")
+    return ""
 
 
 if __name__ == "__main__":

@@ -21,11 +21,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from sslsky.errors import ConfigError  # defined with the other user errors; imported from here by most code
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or override the user can fix; the message says how."""
 
 
 # ---------------------------------------------------------------------------
