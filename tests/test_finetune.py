@@ -156,8 +156,9 @@ def test_a_model_that_keeps_the_prior_exits_4_without_metrics(packed_mock, encod
     out = tmp_path / protocol
     out.mkdir()
     (out / "metrics.json").write_text("{}")  # an older result in the folder must not survive as this one's
-    # lr 0 (and frozen BatchNorm): no epoch can beat the untrained head on val
-    args = morph_args(packed_mock, out, f"ckpt={encoder_path}", f"protocol={protocol}", "optim.lr=0",
+    # lr 1e-30 (lr 0 is refused by the schema) and frozen BatchNorm: no weight moves in float32, so no epoch can
+    # beat the untrained head on val
+    args = morph_args(packed_mock, out, f"ckpt={encoder_path}", f"protocol={protocol}", "optim.lr=1e-30",
                       "optim.head_warmup_epochs=1", "optim.freeze_bn=true")
     assert main(args) == 4
     err = capsys.readouterr().err

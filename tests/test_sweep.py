@@ -50,7 +50,7 @@ def test_grid_skips_knn_for_photoz_and_rejects_bad_cells():
     assert [(c.task, c.protocol) for c in votes] == [("votes", "linear"), ("votes", "knn")]
     from sslsky.config import ConfigError
 
-    with pytest.raises(ConfigError, match="label fraction 1.5"):
+    with pytest.raises(ConfigError, match=r"label_fractions\[0\]=1.5 must be in \(0, 1\]"):
         cells(load_config(SweepConfig, None, ["label_fractions=[1.5]"]))
     with pytest.raises(ConfigError, match="protocol 'probe'"):
         cells(load_config(SweepConfig, None, ["protocols=[probe]"]))

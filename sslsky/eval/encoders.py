@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -75,16 +76,34 @@ class EvalTransform(nn.Module):
 
 
 def _read(path: Path) -> dict:
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder: name the file (e.g. {path / 'encoder.pt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (torch raises many types for a bad file)
         raise CheckpointError(f"checkpoint {path} cannot be read with torch.load(weights_only=True): "
-                              f"{type(err).__name__}: {err}") from None
+                              f"{_load_failure(path, err)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of weights")
     return state
+
+
+def _load_failure(path: Path, err: Exception) -> str:
+    """torch's reason in a line: a file that is no checkpoint at all, a pickle of objects that are not plain
+    weights (refused for safety), or the first line of torch's message."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
+        return f"it is not a torch checkpoint (it starts with {head!r}); is it a whole, downloaded .pt file?"
+    text = str(err)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"it holds a pickled Python object ({refused.group(1)}) besides the weights, which is refused for "
+                f"safety; save only the state_dict (tensors, numbers, strings) and point to that file")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "").split(". ")[0]
+    return f"{type(err).__name__}: {first}; is it a whole checkpoint (not truncated)?"
 
 
 def _strip(weights: dict, prefix: str) -> dict:
