@@ -7,15 +7,26 @@ name -- is a few lines with :mod:`difflib`.
 
     cfg = load_config(PackConfig, "config/pack.yaml", ["shard_size=512", "dtype=float16"])
     write_config(cfg, out_dir / "config.yaml")
+
+Allowed values are declared once, on the line of the default: ``base_lr: float = checked(0.03, "> 0")``
+(:func:`checked`, :class:`Rule`: ``> X``, ``>= X``, ``in [a, b)``, ``one of a, b``), plus a schema's
+cross-field ``ORDERED`` pairs (``z_min < z_max``). :func:`load_config` and :func:`config_from_dict` refuse a
+config that breaks any of them, and any non-finite float, before a command does any work or writes anything:
+``optim.base_lr=-1.0 must be > 0``. What depends on the data or the machine (a crop that fits the images, a
+queue that divides the global batch) is checked by the command that knows it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import operator
 import os
+import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,7 +38,84 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------
-# Schemas. Defaults live here and nowhere else.
+# Allowed values, declared next to the defaults: ``batch_size: int = checked(256, ">= 1")``.
+# ---------------------------------------------------------------------------
+
+_COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What a config value must be, in words that read as code: ``"> 0"``, ``">= 1"``, ``"in [0, 1)"``,
+    ``"in (0, 1]"``, ``"one of auto, slurm, local"`` (``''`` for the empty string). A list field's rule applies to
+    each item; None (an optional value left unset) passes."""
+
+    text: str
+    why: str = ""  # said after the rule in the message, e.g. "BatchNorm in the encoder needs two rows"
+
+    def __post_init__(self):
+        self.test(0 if not self.text.startswith("one of") else "")  # a typo in a schema fails at import
+
+    def test(self, value: Any) -> bool:
+        text = self.text.strip()
+        if text.startswith("one of "):
+            return value in [choice.strip().strip("'\"") for choice in text[len("one of "):].split(",")]
+        match = re.fullmatch(r"(>=|<=|>|<)\s*(\S+)", text)
+        if match:
+            return _COMPARE[match[1]](value, float(match[2]))
+        match = re.fullmatch(r"in\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])", text)
+        if match:
+            low, high = float(match[2]), float(match[3])
+            above = value >= low if match[1] == "[" else value > low
+            below = value <= high if match[4] == "]" else value < high
+            return above and below
+        raise ValueError(f"config rule {self.text!r}: write '> X', '>= X', 'in [a, b)' or 'one of a, b, c'")
+
+    def problems(self, key: str, value: Any) -> list[str]:
+        """``["optim.base_lr=-1.0 must be > 0"]`` if ``value`` breaks the rule (each item of a list), else []."""
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+        why = f" ({self.why})" if self.why else ""
+        return [f"{name}={v!r} must be {self.text}{why}" for name, v in items if v is not None and not self.test(v)]
+
+
+def checked(default: Any = dataclasses.MISSING, rule: str = "", *, why: str = "",
+            factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with ``default`` (or ``factory`` for a list) whose value must satisfy ``rule``
+    (:class:`Rule`); :func:`check_values` enforces it whenever a config is loaded."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"rule": Rule(rule, why)})
+
+
+#: Cross-field rules of a schema, as its class attribute ``ORDERED = (("z_min", "<", "z_max"), ...)``.
+_ORDER_WORDS = {"<": "less than", "<=": "at most"}
+
+
+def check_values(cfg: Any, where: str = "") -> list[str]:
+    """Every broken rule of ``cfg`` and its nested configs (field rules and ``ORDERED`` pairs), as messages that
+    name the dotted key, the value and what is allowed; [] when all hold. Non-finite floats never get this far
+    (:func:`_coerce` refuses them)."""
+    problems: list[str] = []
+    for f in dataclasses.fields(cfg):
+        name = f"{where}.{f.name}" if where else f.name
+        value = getattr(cfg, f.name)
+        rule = f.metadata.get("rule")
+        if rule is not None:
+            problems += rule.problems(name, value)
+        if dataclasses.is_dataclass(value):
+            problems += check_values(value, name)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    problems += check_values(item, f"{name}[{i}]")
+    for low, op, high in getattr(type(cfg), "ORDERED", ()):
+        a, b = getattr(cfg, low), getattr(cfg, high)
+        if not _COMPARE[op](a, b):
+            prefix = f"{where}." if where else ""
+            problems.append(f"{prefix}{low}={a!r}, {prefix}{high}={b!r}: {low} must be {_ORDER_WORDS[op]} {high}")
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# Schemas. Defaults and allowed values live here and nowhere else.
 # ---------------------------------------------------------------------------
 
 
@@ -36,21 +124,23 @@ class MockConfig:
     """``sslsky mock``: a physically grounded mock survey with known truth."""
 
     survey: str = "sdss"  # sdss | decals
-    n: int = 1000  # galaxies to simulate
-    seed: int = 0  # master seed: the output depends on it alone, not on the ranks
+    n: int = checked(1000, ">= 1")  # galaxies to simulate
+    seed: int = checked(0, ">= 0")  # master seed: the output depends on it alone, not on the ranks
     out: str = "mock_sdss"  # output folder: catalog.fits + cutouts/ (fits) or images/ (png, jpeg)
     # fits: (bands, H, W) nanomaggy cubes, catalog keyed by object_id | png | jpeg: 8-bit Lupton RGB composites
     # (DECaLS z,r,g; SDSS i,r,g) framed and sized like Galaxy Zoo DECaLS, catalog keyed by IAU-style id_str
     format: str = "fits"
-    image_size: int = 424  # png / jpeg only: H = W of the written images (424: Galaxy Zoo DECaLS)
+    image_size: int = checked(424, ">= 1")  # png / jpeg only: H = W of the written images (424: Galaxy Zoo DECaLS)
     r_limit: float = 17.77  # r-band selection limit (SDSS Main Galaxy Sample)
-    z_min: float = 0.005
-    z_max: float = 0.4
-    specz_fraction: float = 1.0  # fraction with a spectroscopic z; others get NaN
-    unlabelled_fraction: float = 0.0  # fraction of galaxies without volunteer votes
-    volunteers_mean: float = 40.0  # mean volunteers per galaxy (vote counts)
-    seeing_scatter: float = 0.15  # lognormal scatter of per-galaxy PSF FWHM
+    z_min: float = checked(0.005, "> 0")  # redshift range of the simulated galaxies
+    z_max: float = checked(0.4, "> 0")
+    specz_fraction: float = checked(1.0, "in [0, 1]")  # fraction with a spectroscopic z; others get NaN
+    unlabelled_fraction: float = checked(0.0, "in [0, 1]")  # fraction of galaxies without volunteer votes
+    volunteers_mean: float = checked(40.0, "> 0")  # mean volunteers per galaxy (vote counts)
+    seeing_scatter: float = checked(0.15, ">= 0")  # lognormal scatter of per-galaxy PSF FWHM
     progress: bool = True
+
+    ORDERED: typing.ClassVar = (("z_min", "<", "z_max"),)  # cross-field rules (check_values)
 
 
 @dataclasses.dataclass
@@ -59,21 +149,22 @@ class PackConfig:
 
     catalog: str = ""  # FITS, CSV, ECSV, Parquet or ssl-sky-surveys HDF5
     out: str = ""  # output folder for shard-*.h5, manifest.json, rejected.csv
-    shard_size: int = 1024  # rows per shard
+    shard_size: int = checked(1024, ">= 1")  # rows per shard
     # auto: uint8 for 8-bit colour images (PNG/JPEG), float32 for fluxes | float32 | float16 (halves I/O; refuses
     # |x| > 65504) | uint8 (colour images only)
-    dtype: str = "auto"
+    dtype: str = checked("auto", "one of auto, float32, float16, uint8")
     survey: str = ""  # sdss | decals; empty: read from the cutout headers / catalog
     # resample every cutout to N x N: Lanczos for colour images, flux-conserving for FITS (pixel scale updated);
     # 0: keep the size (FITS: the survey's cutout size)
-    image_size: int = 0
+    image_size: int = checked(0, ">= 0")
     # catalog column of the galaxy id (integer or text, kept exactly); empty: the first of object_id, id_str, iauname,
     # objid, dr8_id
     id_column: str = ""
     label_column: str = ""  # integer class column packed as morph_class; empty: morph_class (if present)
-    max_bad_fraction: float = 0.01  # reject a cutout with more NaN/inf pixels than this
+    max_bad_fraction: float = checked(0.01, "in [0, 1]")  # reject a cutout with more NaN/inf pixels than this
     fill_value: float = 0.0  # what NaN/inf pixels below the limit become (and are flagged)
-    stats_sample: int = 2000  # cutouts sampled for the per-band robust statistics (same sample for any rank count)
+    # cutouts sampled for the per-band robust statistics (same sample for any rank count)
+    stats_sample: int = checked(2000, ">= 1")
     progress: bool = True
 
 
@@ -82,16 +173,19 @@ class ModelConfig:
     """MoCo v2 model (``sslsky.models.MoCo.from_config``): encoder, projection head, queue, BN mode."""
 
     arch: str = "resnet50"  # resnet18 | resnet34 | resnet50 (torchvision, random init; nothing downloaded)
-    n_bands: int = 0  # input channels; 0: the survey's band count (5 for SDSS ugriz, 3 for DECaLS grz)
+    n_bands: int = checked(0, ">= 0")  # input channels; 0: the survey's band count (5 for SDSS ugriz, 3 for DECaLS grz)
     stem: str = "hayat"  # hayat: 7x7 stride-1 conv, no max-pool (64x64 cutouts) | imagenet: stride 2 + max-pool
-    dim: int = 128  # projection (embedding) dimension
-    queue_size: int = 65536  # K negatives; must be a multiple of the global batch (batch_size x ranks)
-    momentum: float = 0.999  # key-encoder EMA: theta_k <- m theta_k + (1 - m) theta_q
-    temperature: float = 0.2  # InfoNCE temperature T
+    dim: int = checked(128, ">= 1")  # projection (embedding) dimension
+    queue_size: int = checked(65536, ">= 1")  # K negatives; must be a multiple of the global batch (batch_size x ranks)
+    momentum: float = checked(0.999, "in [0, 1)")  # key-encoder EMA: theta_k <- m theta_k + (1 - m) theta_q
+    temperature: float = checked(0.2, "> 0")  # InfoNCE temperature T
     mlp: bool = True  # MoCo v2 2-layer MLP head (hidden = encoder feature dim); false: one linear layer (v1)
-    bn: str = "shuffle"  # shuffle: shuffled BN across ranks (local shuffle on one process) | syncbn (GPU only)
-    byol_hidden: int = 4096  # byol/hybrid: hidden width of the projector and predictor MLPs (Grill et al. 2020)
-    byol_base_momentum: float = 0.99  # byol/hybrid: target EMA momentum, cosine from this to 1 over optim.total_steps
+    # shuffle: shuffled BN across ranks (local shuffle on one process) | syncbn (GPU only)
+    bn: str = checked("shuffle", "one of shuffle, syncbn")
+    # byol/hybrid: hidden width of the projector and predictor MLPs (Grill et al. 2020)
+    byol_hidden: int = checked(4096, ">= 1")
+    # byol/hybrid: target EMA momentum, cosine from this to 1 over optim.total_steps
+    byol_base_momentum: float = checked(0.99, "in [0, 1)")
 
 
 @dataclasses.dataclass
@@ -104,39 +198,48 @@ class AugmentConfig:
     @dataclasses.dataclass
     class Reddening:
         enabled: bool = True
-        mode: str = "lognormal"  # lognormal: surveys.EBV_LOGNORMAL fit | uniform: E(B-V) ~ U[0, ebv_max]
-        ebv_max: float = 0.1  # upper end of the uniform draw
+        # lognormal: surveys.EBV_LOGNORMAL fit | uniform: E(B-V) ~ U[0, ebv_max]
+        mode: str = checked("lognormal", "one of lognormal, uniform")
+        ebv_max: float = checked(0.1, ">= 0")  # upper end of the uniform draw
 
     @dataclasses.dataclass
     class Geometry:
         enabled: bool = True
-        rotation: str = "any"  # any: uniform angle | right: multiples of 90 deg | none
+        # any: uniform angle | right: multiples of 90 deg | none
+        rotation: str = checked("any", "one of any, right, none")
         flip: bool = True  # mirror with probability 1/2 (with rotation this covers both flip axes)
-        scale_min: float = 0.95  # magnification drawn log-uniform in [scale_min, scale_max]
-        scale_max: float = 1.1
-        jitter: float = 4.0  # max shift of the crop centre, cutout pixels per axis (uniform)
-        interpolation: str = "bilinear"  # bilinear | bicubic
-        cutout_size: int = 0  # input H = W; 0: the survey's cutout size
-        crop_size: int = 0  # output H = W; 0: the survey's crop size
+        scale_min: float = checked(0.95, "> 0")  # magnification drawn log-uniform in [scale_min, scale_max]
+        scale_max: float = checked(1.1, "> 0")
+        jitter: float = checked(4.0, ">= 0")  # max shift of the crop centre, cutout pixels per axis (uniform)
+        interpolation: str = checked("bilinear", "one of bilinear, bicubic")
+        cutout_size: int = checked(0, ">= 0")  # input H = W; 0: the survey's cutout size
+        crop_size: int = checked(0, ">= 0")  # output H = W; 0: the survey's crop size
+
+        ORDERED: typing.ClassVar = (("scale_min", "<=", "scale_max"),)  # cross-field rules (check_values)
 
     @dataclasses.dataclass
     class Psf:
         enabled: bool = True
-        factor_min: float = 1.0  # target PSF FWHM = factor x the image's own, factor ~ U[min, max]
-        factor_max: float = 1.5
+        factor_min: float = checked(1.0, ">= 0")  # target PSF FWHM = factor x the image's own, factor ~ U[min, max]
+        factor_max: float = checked(1.5, ">= 0")
         independent_bands: bool = False  # one factor per band instead of one per image
+
+        ORDERED: typing.ClassVar = (("factor_min", "<=", "factor_max"),)  # cross-field rules (check_values)
 
     @dataclasses.dataclass
     class Noise:
         enabled: bool = True
-        factor_min: float = 1.0  # target sky sigma = factor x the image's own, factor ~ U[min, max]
-        factor_max: float = 1.5
+        factor_min: float = checked(1.0, ">= 0")  # target sky sigma = factor x the image's own, factor ~ U[min, max]
+        factor_max: float = checked(1.5, ">= 0")
         independent_bands: bool = True  # one factor per band instead of one per image
+
+        ORDERED: typing.ClassVar = (("factor_min", "<=", "factor_max"),)  # cross-field rules (check_values)
 
     @dataclasses.dataclass
     class Normalize:
-        mode: str = "asinh"  # asinh: asinh(x / (k sigma_b)) | linear: (x - median_b) / sigma_b | none
-        asinh_k: float = 1.0  # softening in units of the band's noise scale (Lupton et al. 1999: ~1.04)
+        # asinh: asinh(x / (k sigma_b)) | linear: (x - median_b) / sigma_b | none
+        mode: str = checked("asinh", "one of asinh, linear, none")
+        asinh_k: float = checked(1.0, "> 0")  # softening in units of the band's noise scale (Lupton et al. 1999: ~1.04)
 
     reddening: Reddening = dataclasses.field(default_factory=Reddening)
     geometry: Geometry = dataclasses.field(default_factory=Geometry)
@@ -151,21 +254,22 @@ class DataConfig:
 
     path: str = ""  # packed folder (manifest.json + shard-*.h5) or one ssl-sky-surveys HDF5 file
     survey: str = ""  # sdss | decals; empty: from the manifest (needed for legacy files without one)
-    batch_size: int = 256  # per rank; the global batch is batch_size x ranks
-    num_workers: int = 4  # DataLoader workers per rank (persistent, pinned memory on GPU)
-    val_batches: int = 10  # held-out (split=val) batches for the contrastive top-1 (votes: the vote NLL)
+    batch_size: int = checked(256, ">= 1")  # per rank; the global batch is batch_size x ranks
+    num_workers: int = checked(4, ">= 0")  # DataLoader workers per rank (persistent, pinned memory on GPU)
+    # held-out (split=val) batches for the contrastive top-1 (votes: the vote NLL)
+    val_batches: int = checked(10, ">= 1")
 
 
 @dataclasses.dataclass
 class OptimConfig:
     """SGD with linear lr scaling, warm-up and cosine decay (schedules are functions of the step)."""
 
-    base_lr: float = 0.03  # lr = base_lr x global_batch / reference_batch (Goyal et al. 2017)
-    reference_batch: int = 256
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    total_steps: int = 200_000
-    warmup_steps: int = 2_000
+    base_lr: float = checked(0.03, "> 0")  # lr = base_lr x global_batch / reference_batch (Goyal et al. 2017)
+    reference_batch: int = checked(256, ">= 1")
+    momentum: float = checked(0.9, "in [0, 1)")
+    weight_decay: float = checked(1e-4, ">= 0")
+    total_steps: int = checked(200_000, ">= 1")
+    warmup_steps: int = checked(2_000, ">= 0")
 
 
 def _default_vote_questions() -> list[VoteQuestionConfig]:
@@ -197,7 +301,18 @@ class VotesConfig:
     """Volunteer vote counts (method=hybrid or votes): the campaigns' trees and the weight of the hybrid's vote loss."""
 
     campaigns: list[VoteCampaignConfig] = dataclasses.field(default_factory=lambda: [VoteCampaignConfig()])
-    weight: float = 1.0  # hybrid: w in L = L_BYOL + w (|L_BYOL| / L_votes).detach() L_votes (Walmsley et al. 2022)
+    # hybrid: w in L = L_BYOL + w (|L_BYOL| / L_votes).detach() L_votes (Walmsley et al. 2022)
+    weight: float = checked(1.0, ">= 0")
+
+
+@dataclasses.dataclass
+class ResumeConfig:
+    """What a restart may change in a run directory that already has checkpoints (``sslsky.train.rundir``)."""
+
+    # config keys (or whole sections, e.g. augment) whose new values a resume accepts, e.g. [optim.total_steps];
+    # each accepted change is recorded in run_dir/changes.jsonl. Keys that cannot alter the result (logging,
+    # checkpoint frequency, workers, ...: sslsky.train.rundir.NEUTRAL_KEYS) never need to be named here.
+    allow_changes: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -208,7 +323,7 @@ class PretrainConfig:
     # the supervised baseline of Walmsley et al. 2022; trains on the galaxies with votes only)
     method: str = "moco"
     run_dir: str = "runs/pretrain"  # checkpoints/, metrics.jsonl, config.yaml, encoder.pt; a restart resumes here
-    seed: int = 0
+    seed: int = checked(0, ">= 0")
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
@@ -218,13 +333,16 @@ class PretrainConfig:
     amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none
     channels_last: bool = True  # NHWC memory format (faster convolutions on GPU)
     compile: bool = False  # torch.compile the model
-    log_every: int = 50  # steps between metrics.jsonl records
-    val_every: int = 1000  # steps between held-out checks (contrastive top-1; votes: vote NLL); 0: never
-    checkpoint_every: int = 1000  # steps between checkpoints (and always at the end and on USR2/SIGTERM)
-    keep_checkpoints: int = 2  # newest checkpoints kept in run_dir/checkpoints
+    log_every: int = checked(50, ">= 1")  # steps between metrics.jsonl records
+    # steps between held-out checks (contrastive top-1; votes: vote NLL); 0: never
+    val_every: int = checked(1000, ">= 0")
+    # steps between checkpoints (and always at the end and on USR2/SIGTERM)
+    checkpoint_every: int = checked(1000, ">= 1")
+    keep_checkpoints: int = checked(2, ">= 1")  # newest checkpoints kept in run_dir/checkpoints
     tensorboard: bool = True  # also log to run_dir/tensorboard (rank 0)
     progress: bool = True  # progress on rank 0: a bar on a terminal, a line a minute in a log
-    debug_step_sleep: float = 0.0  # seconds to sleep after each step (tests of preemption and resume)
+    debug_step_sleep: float = checked(0.0, ">= 0")  # seconds to sleep after each step (tests of preemption and resume)
+    resume: ResumeConfig = dataclasses.field(default_factory=ResumeConfig)  # a restart in a run_dir with checkpoints
 
 
 @dataclasses.dataclass
@@ -233,21 +351,22 @@ class EvalDataConfig:
 
     path: str = ""  # packed folder (manifest.json + shard-*.h5) or one ssl-sky-surveys HDF5 file
     survey: str = ""  # sdss | decals; empty: from the checkpoint, else the manifest
-    batch_size: int = 64
-    num_workers: int = 2  # DataLoader workers (0: read in the main process)
+    batch_size: int = checked(64, ">= 2", why="BatchNorm in the encoder needs two rows")
+    num_workers: int = checked(2, ">= 0")  # DataLoader workers (0: read in the main process)
 
 
 @dataclasses.dataclass
 class FinetuneOptimConfig:
     """AdamW with cosine decay over the epochs; early stopping on the val split (best epoch's weights kept)."""
 
-    lr: float = 1e-3  # head lr; scratch trains the whole network at this lr
+    lr: float = checked(1e-3, "> 0")  # head lr; scratch trains the whole network at this lr
     #: finetune: pretrained encoder lr = lr x this. 1.0: at 0.1 fine-tuning lost to scratch from ~600 labels on
     #: the mock (README, "Label efficiency": 0.52 vs 0.68 morphology accuracy with 594 labels).
-    encoder_lr_factor: float = 1.0
-    weight_decay: float = 1e-4
-    epochs: int = 30  # at most this many passes over the labelled train rows
-    patience: int = 5  # stop after this many epochs without a better val score (photo-z CRPS, else loss); 0: never
+    encoder_lr_factor: float = checked(1.0, ">= 0")
+    weight_decay: float = checked(1e-4, ">= 0")
+    epochs: int = checked(30, ">= 1")  # at most this many passes over the labelled train rows
+    # stop after this many epochs without a better val score (photo-z CRPS, else loss); 0: never
+    patience: int = checked(5, ">= 0")
     #: finetune: the encoder's BatchNorm layers stay in eval mode (pretraining running statistics, unchanged;
     #: their scale and shift still train). Off: with the encoder at 1x it rarely beat the probe (README).
     freeze_bn: bool = False
@@ -256,10 +375,10 @@ class FinetuneOptimConfig:
     #: the weights with a few steps per epoch, the val loss spikes and early stopping kept the prior (README).
     precise_bn: bool = True
     #: finetune: per-block lr decay (Zoobot style): ResNet layer4 at the encoder lr, layer3 x this, ... stem x this^4.
-    layer_decay: float = 1.0
+    layer_decay: float = checked(1.0, "> 0")
     #: finetune, LP-FT (Kumar et al. 2022): first train the head alone on frozen features (the linear probe, for
     #: up to this many epochs with optim.patience), then fine-tune from it; 0: start from the prior.
-    head_warmup_epochs: int = 30
+    head_warmup_epochs: int = checked(30, ">= 0")
     #: true: a model that kept only the prior is written as metrics.json marked prior_only; false: exit status 4.
     allow_prior: bool = False
 
@@ -269,15 +388,15 @@ class HeadConfig:
     """Supervised head on the encoder features (``sslsky.models.heads.build_head``)."""
 
     kind: str = "linear"  # linear | mlp
-    hidden: int = 512  # MLP hidden width
-    dropout: float = 0.0
+    hidden: int = checked(512, ">= 1")  # MLP hidden width
+    dropout: float = checked(0.0, "in [0, 1)")
 
 
 @dataclasses.dataclass
 class KnnConfig:
     """kNN classifier on frozen, L2-normalised features (morphology protocol ``knn``)."""
 
-    k: int = 15  # neighbours from the labelled train rows
+    k: int = checked(15, ">= 1")  # neighbours from the labelled train rows
     weighted: bool = False  # false: majority vote (ties -> larger summed cosine); true: votes exp(cos / 0.07)
 
 
@@ -287,8 +406,9 @@ class SupervisedEvalConfig:
 
     ckpt: str = ""  # pretrained encoder (encoder.pt, step-*.pt, MoCo, ssl-sky-surveys); '' only for scratch
     protocol: str = "finetune"  # linear (frozen encoder) | finetune (whole net) | scratch (random init)
-    label_fraction: float = 1.0  # fraction of the labelled train rows used (nested subsets per seed)
-    seed: int = 0  # label subset, initialisation, data order, augmentation
+    # fraction of the labelled train rows used (nested subsets per seed)
+    label_fraction: float = checked(1.0, "in (0, 1]")
+    seed: int = checked(0, ">= 0")  # label subset, initialisation, data order, augmentation
     out: str = "runs/eval"  # metrics.json, config.yaml, predictions.h5, plots/
     data: EvalDataConfig = dataclasses.field(default_factory=EvalDataConfig)
     optim: FinetuneOptimConfig = dataclasses.field(default_factory=FinetuneOptimConfig)
@@ -298,7 +418,7 @@ class SupervisedEvalConfig:
     ckpt_stem: str = ""  # stem of a foreign (MoCo, ssl-sky-surveys) checkpoint; empty: hayat
     arch: str = "resnet50"  # scratch without ckpt: resnet18 | resnet34 | resnet50 (with ckpt: the ckpt's)
     stem: str = "hayat"  # scratch without ckpt: hayat | imagenet
-    crop_size: int = 0  # scratch without ckpt: centred crop; 0: the survey's (64 SDSS, 96 DECaLS)
+    crop_size: int = checked(0, ">= 0")  # scratch without ckpt: centred crop; 0: the survey's (64 SDSS, 96 DECaLS)
     device: str = "auto"  # auto (cuda if available) | cuda | cpu
     amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | none
     plots: bool = True
@@ -311,9 +431,11 @@ class EvalSpeczConfig(SupervisedEvalConfig):
 
     out: str = "runs/eval_specz"
     use_ebv: bool = True
-    n_bins: int = 180  # redshift bins on [z_min, z_max) (Pasquet et al. 2019)
-    z_min: float = 0.0
-    z_max: float = 0.4
+    n_bins: int = checked(180, ">= 1")  # redshift bins on [z_min, z_max) (Pasquet et al. 2019)
+    z_min: float = checked(0.0, ">= 0")
+    z_max: float = checked(0.4, "> 0")
+
+    ORDERED: typing.ClassVar = (("z_min", "<", "z_max"),)  # cross-field rules (check_values)
 
 
 @dataclasses.dataclass
@@ -333,11 +455,11 @@ class SweepSlurmConfig:
     """Resources of each array task on a SLURM cluster (no site defaults: set them for yours)."""
 
     partition: str = ""  # empty: the cluster's default partition
-    gpus_per_task: int = 0
-    cpus_per_task: int = 4
-    mem_gb: float = 0.0  # 0: the partition's default
-    time_min: int = 120  # per task; a task that times out is requeued and resumes
-    array_parallelism: int = 64  # tasks of the array running at once
+    gpus_per_task: int = checked(0, ">= 0")
+    cpus_per_task: int = checked(4, ">= 1")
+    mem_gb: float = checked(0.0, ">= 0")  # 0: the partition's default
+    time_min: int = checked(120, ">= 1")  # per task; a task that times out is requeued and resumes
+    array_parallelism: int = checked(64, ">= 1")  # tasks of the array running at once
     account: str = ""
     additional: dict = dataclasses.field(default_factory=dict)  # extra sbatch options, e.g. {constraint: gpu80}
 
@@ -349,14 +471,14 @@ class SweepConfig:
     ckpt: str = ""  # the pretrained encoder (encoder.pt) the linear/finetune/knn protocols start from
     data_path: str = ""  # packed shards
     out: str = "runs/sweep"  # OUT/<task>/<protocol>/frac<f>/seed<s>/ per task, OUT/results.csv, OUT/*.png
-    tasks: list[str] = dataclasses.field(default_factory=lambda: ["specz", "morph"])
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["specz", "morph"])  # of sweep.TASKS
     protocols: list[str] = dataclasses.field(default_factory=lambda: ["linear", "finetune", "scratch"])
-    label_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
-    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    label_fractions: list[float] = checked(rule="in (0, 1]", factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])  # each
+    seeds: list[int] = checked(rule=">= 0", factory=lambda: [0, 1, 2])  # each
     specz_config: str = "config/eval_specz.yaml"  # base config of each photo-z task
     morph_config: str = "config/eval_morph.yaml"  # base config of each morphology task
     overrides: list[str] = dataclasses.field(default_factory=list)  # key=value applied to every task config
-    executor: str = "auto"  # auto: slurm when sbatch is found, else local | slurm | local
+    executor: str = checked("auto", "one of auto, slurm, local")  # auto: slurm when sbatch is found, else local
     wait: bool = True  # wait for the array and collect; false: submit, print the job id and return
     slurm: SweepSlurmConfig = dataclasses.field(default_factory=SweepSlurmConfig)
 
@@ -368,11 +490,11 @@ class EmbedConfig:
     ckpt: str = ""  # encoder: sslsky encoder.pt or checkpoint, MoCo or ssl-sky-surveys checkpoint
     data: str = ""  # packed folder (manifest.json + shard-*.h5) or one HDF5 file
     out: str = "embeddings.h5"  # written to a temporary name, then renamed
-    split: str = ""  # empty: every row | train | val | test
+    split: str = checked("", "one of '', train, val, test")  # empty: every row
     survey: str = ""  # sdss | decals, for checkpoints that do not say (crop size, normalisation)
     stem: str = ""  # stem of a foreign checkpoint; empty: hayat
-    batch_size: int = 256  # per rank
-    num_workers: int = 4  # DataLoader workers per rank
+    batch_size: int = checked(256, ">= 1")  # per rank
+    num_workers: int = checked(4, ">= 0")  # DataLoader workers per rank
     device: str = "auto"  # auto (cuda if available) | cuda | cpu
     amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none
     channels_last: bool = True  # NHWC on GPU (no effect on CPU)
@@ -385,24 +507,27 @@ class SearchConfig:
 
     embeddings: str = ""  # file written by sslsky embed
     query: int | str | None = None  # object_id to find neighbours of (an integer, or a name for text ids)
-    k: int = 10  # neighbours (the query itself excluded)
-    chunk_size: int = 65536  # database rows per block: memory ~ chunk_size x (F + queries) x 4 bytes, never N x N
-    query_batch: int = 256  # queries per block in the evaluation
-    cache_mb: float = 2048.0  # read the embeddings into memory when they take at most this; else stream from disk
-    index: str = "exact"  # exact (chunked, default) | faiss (approximate HNSW; needs the optional faiss package)
-    faiss_m: int = 32  # HNSW graph degree
-    faiss_ef_search: int = 128  # HNSW search breadth (higher: better recall, slower)
+    k: int = checked(10, ">= 1")  # neighbours (the query itself excluded)
+    # database rows per block: memory ~ chunk_size x (F + queries) x 4 bytes, never N x N
+    chunk_size: int = checked(65536, ">= 1")
+    query_batch: int = checked(256, ">= 1")  # queries per block in the evaluation
+    # read the embeddings into memory when they take at most this; else stream from disk
+    cache_mb: float = checked(2048.0, ">= 0")
+    # exact (chunked, default) | faiss (approximate HNSW; needs the optional faiss package)
+    index: str = checked("exact", "one of exact, faiss")
+    faiss_m: int = checked(32, ">= 2")  # HNSW graph degree
+    faiss_ef_search: int = checked(128, ">= 1")  # HNSW search breadth (higher: better recall, slower)
     device: str = "cpu"  # cpu | cuda | auto: where the similarity blocks are computed
     data: str = ""  # shards for the PNG images; empty: the shards the embeddings came from
     png: str = ""  # write a grid of the query and its neighbours here
-    grid_columns: int = 6
+    grid_columns: int = checked(6, ">= 1")
     rgb_bands: str = ""  # bands shown as R, G, B; empty: irg for SDSS, zrg for DECaLS
-    rgb_stretch: float = 0.5  # Lupton et al. 2004 asinh: linear range in nanomaggies
-    rgb_q: float = 10.0  # asinh softening parameter Q
+    rgb_stretch: float = checked(0.5, "> 0")  # Lupton et al. 2004 asinh: linear range in nanomaggies
+    rgb_q: float = checked(10.0, "> 0")  # asinh softening parameter Q
     evaluate: bool = False  # retrieval quality over all labelled rows against random neighbours
-    eval_queries: int = 0  # 0: every labelled row is a query; N: a seeded random sample of N
+    eval_queries: int = checked(0, ">= 0")  # 0: every labelled row is a query; N: a seeded random sample of N
     eval_json: str = ""  # also write the evaluation as JSON here
-    seed: int = 0  # random neighbours (chance baseline) and the query sample
+    seed: int = checked(0, ">= 0")  # random neighbours (chance baseline) and the query sample
     progress: bool = False  # progress over the query blocks (a bar on a terminal, a line a minute in a log)
 
 
@@ -462,14 +587,23 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            number = value
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(number)
+        except OverflowError:  # an integer too large for a float
+            number = math.inf
+        if not math.isfinite(number):  # nan, .inf, 1e999: never a setting
+            raise ConfigError(f"{where}={value}: expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -549,7 +683,7 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None, override
         key, value = parse_override(text)
         _set_dotted(tree, key, value, schema)
     try:
-        return _build(schema, tree, "")
+        return _checked(_build(schema, tree, ""))
     except ConfigError as err:
         if path:
             raise ConfigError(f"{err} (in {path} or the overrides)") from None
@@ -558,7 +692,15 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None, override
 
 def config_from_dict(schema: type[T], data: dict, where: str = "") -> T:
     """A config from a plain dict (e.g. one saved in a checkpoint), validated like a file."""
-    return _build(schema, data, where)
+    return _checked(_build(schema, data, where), where)
+
+
+def _checked(cfg: T, where: str = "") -> T:
+    """``cfg`` if every value is allowed (:func:`check_values`), else one ConfigError listing each problem."""
+    problems = check_values(cfg, where)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -62,6 +62,7 @@ from sslsky.data.votes import (
     true_answers,
     vote_columns,
 )
+from sslsky.outputs import output_dir
 from sslsky.parallel import get_comm, split_evenly
 from sslsky.surveys import (
     ABS_MAG_R_RANGE,
@@ -637,6 +638,7 @@ def run_mock(cfg: MockConfig) -> int:
     Returns 0.
     """
     survey = check_config(cfg)
+    output_dir(cfg.out, "out")  # a file or a read-only folder: a message before any galaxy is drawn (every rank)
     comm = get_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
     out = Path(cfg.out)

@@ -16,6 +16,11 @@ predicted). Macro-F1 averages the per-class F1 over the classes present in the t
 predictions (as scikit-learn does without ``labels=``); a class with no true members has recall
 ``None`` (JSON null), not 0.
 
+Too small to mean anything (:func:`small_test_warnings`): a test split of fewer than
+:data:`MIN_TEST_GALAXIES` labelled galaxies, or a class of the labelled train rows with no test galaxy.
+The evaluations print these warnings and list them in ``metrics.json`` (``warnings``); the sweep's
+``results.csv`` carries them in its ``warnings`` column.
+
 Arrays carry their shapes in the docstrings: N objects, K bins or classes.
 """
 
@@ -27,6 +32,28 @@ import numpy as np
 MAD_TO_SIGMA = 1.4826
 #: |Δz| above which a photo-z is an outlier (Pasquet et al. 2019).
 OUTLIER_THRESHOLD = 0.05
+#: A test split with fewer labelled galaxies than this gives metrics that are noise: flagged, never silent.
+MIN_TEST_GALAXIES = 20
+
+
+def small_test_warnings(n_test: int, train_labels=None, test_labels=None, class_names=None) -> list[str]:
+    """Why a test split is too small to mean anything; [] when it is not.
+
+    ``n_test``: labelled test galaxies scored. Classification: ``train_labels`` (N_train,) and ``test_labels``
+    (N_test,) class indices in [0, K) -- a class present in the train rows with no test galaxy is named
+    (``class_names`` (K,), else its index).
+    """
+    out = []
+    if n_test < MIN_TEST_GALAXIES:
+        out.append(f"only {n_test} labelled test galaxies (fewer than {MIN_TEST_GALAXIES}): the metrics are noise, "
+                   f"not a result; evaluate on more data (a larger test split)")
+    if train_labels is not None and test_labels is not None:
+        missing = sorted(set(np.asarray(train_labels).tolist()) - set(np.asarray(test_labels).tolist()))
+        if missing:
+            names = [str(class_names[c]) if class_names is not None else str(c) for c in missing]
+            out.append(f"{len(missing)} class(es) of the labelled train rows have no test galaxy ({', '.join(names)}): "
+                       f"their recall and F1 are not measured and macro-F1 leaves them out")
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -27,13 +27,17 @@ Contract (the label-fraction sweep relies on it):
 - **Idempotent**: if ``cfg.out/metrics.json`` exists and was made with the same resolved config (ignoring
   ``progress`` and ``data.num_workers``) and the same checkpoint bytes (``ckpt_sha256``), it is returned
   without training; ``metrics.json`` is written last.
-- ``cfg.out/config.yaml``: the resolved config, written before training.
+- ``cfg.out/config.yaml``: the resolved config, written before training (once the data and the encoder are
+  open). A bad ``out`` (a file, not writable) is refused before any work.
 - ``cfg.out/metrics.json`` keys, both targets: ``task`` ("morph"), ``target`` ("class" | "votes"),
   ``protocol``, ``label_fraction``, ``seed``, ``n_train_labels``, ``n_val``, ``n_test``, ``ckpt``,
   ``ckpt_sha256``; ``knn`` (k, weighting; null for the trained protocols); ``history``, ``best_epoch``,
   ``epochs_run``, ``config``; ``prior_only``: null, or with ``optim.allow_prior`` why the kept model is only
   the prior (epoch 0; classes: or one class for every val galaxy). Without it such a model is refused: no
   metrics.json, exit status 4, ``cfg.out/metrics.prior_only.json`` (:func:`sslsky.train.finetune.refuse_prior_only`).
+  ``warnings``: why the test split is too small to mean anything (:func:`sslsky.eval.metrics.small_test_warnings`:
+  fewer than 20 labelled test galaxies; classes: a train class with no test galaxy; also printed), [] when
+  it is not.
 
   - class: test-split ``accuracy``, ``macro_f1``, ``recall`` (class name -> recall, null for a class absent
     from the test split), ``precision``, ``f1``, ``support``, ``confusion_matrix`` (rows true, columns
@@ -66,11 +70,12 @@ from torch import Tensor
 
 from sslsky.config import ConfigError, EvalMorphConfig, config_to_dict, write_config
 from sslsky.data.votes import MORPH_CLASSES, VoteSchema, class_names
-from sslsky.eval.metrics import classification_metrics
+from sslsky.eval.metrics import classification_metrics, small_test_warnings
 from sslsky.eval.photoz import write_predictions
 from sslsky.losses import dirichlet_multinomial_nll
 from sslsky.models.byol import CONCENTRATION_MIN, CONCENTRATION_RANGE
 from sslsky.models.heads import init_prior
+from sslsky.outputs import output_dir
 from sslsky.train.finetune import (
     METRICS_FILE,
     PROTOCOLS,
@@ -84,6 +89,7 @@ from sslsky.train.finetune import (
     finished_metrics,
     label_values,
     open_splits,
+    print_warnings,
     refuse_prior_only,
     resolve_device,
     train_supervised,
@@ -151,13 +157,13 @@ def knn_vote_fractions(train_features: np.ndarray, train_fractions: np.ndarray, 
 
 
 def _knn_features(cfg: EvalMorphConfig, label: str, vote_columns=None) -> tuple:
-    """(splits, backbone, train features, test features, t0) of the frozen encoder for the kNN protocol."""
+    """(splits, backbone, train features, test features, t0) of the frozen encoder for the kNN protocol;
+    ``cfg.out/config.yaml`` is written once the data and the encoder are open."""
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.amp, device)
     splits = open_splits(cfg, label, vote_columns)
-    if cfg.knn.k < 1:
-        raise ConfigError(f"knn.k={cfg.knn.k} must be at least 1")
     backbone = build_backbone(cfg, splits.attrs, device)
+    write_config(cfg, output_dir(cfg.out, "out") / "config.yaml")
     t0 = time.perf_counter()
     train = extract_features(backbone.encoder, backbone.transform, splits.train, cfg, device, amp)
     test = extract_features(backbone.encoder, backbone.transform, splits.test, cfg, device, amp)
@@ -357,9 +363,11 @@ def _run_votes(cfg: EvalMorphConfig, schema: VoteSchema, out: Path) -> dict:
         "prior_only": r.get("prior_only"),
         "history": r["history"], "plots": [str(p) for p in plots], "config": config_to_dict(cfg),
     }
+    result["warnings"] = small_test_warnings(len(counts))
     nll = f", NLL {metrics['vote_nll']:.3f}" if metrics["vote_nll"] is not None else ""
     print(f"eval-morph: votes {cfg.protocol} with {n_train} labels on {len(counts)} test galaxies: vote MAE "
           f"{metrics['vote_mae']:.4f}{nll} (train-mean baseline {base['vote_mae']:.4f}) -> {out}", flush=True)
+    print_warnings("eval-morph", result["warnings"])
     return result
 
 
@@ -370,13 +378,13 @@ def run_morph(cfg: EvalMorphConfig) -> dict:
     done = finished_metrics(out, cfg)
     if done is not None:
         print(f"eval-morph: {out / METRICS_FILE} exists for this config; not training again", flush=True)
+        print_warnings("eval-morph", done.get("warnings") or [])
         return done
     check_config(cfg, MORPH_PROTOCOLS)
     if cfg.target not in MORPH_TARGETS:
         raise ConfigError(f"target={cfg.target!r}: choose one of {', '.join(MORPH_TARGETS)}")
     schema = vote_schema(cfg) if cfg.target == "votes" else None
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out / "config.yaml")
+    output_dir(cfg.out, "out")  # a file or a read-only folder: a message now, not after the training
     if schema is not None:
         result = _run_votes(cfg, schema, out)
         write_json(result, out / METRICS_FILE)
@@ -405,6 +413,7 @@ def run_morph(cfg: EvalMorphConfig) -> dict:
     train_classes = splits.train.index.columns["morph_class"][splits.train.indices]
     majority = int(np.bincount(train_classes, minlength=n_classes).argmax())
     base = classification_metrics(r["true"], np.full(len(r["true"]), majority), n_classes, names)
+    warnings = small_test_warnings(len(r["true"]), train_classes, r["true"], names)
 
     write_predictions(out / "predictions.h5", {
         "object_id": r["object_id"], "true_class": r["true"], "pred_class": r["pred"].astype(np.int64),
@@ -425,7 +434,7 @@ def run_morph(cfg: EvalMorphConfig) -> dict:
                 if cfg.protocol == "knn" else None),
         "arch": backbone.arch, "stem": backbone.stem, "encoder_source": backbone.source,
         "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"], "train_time_s": r["train_time_s"],
-        "prior_only": r.get("prior_only"),
+        "prior_only": r.get("prior_only"), "warnings": warnings,
         "history": r["history"], "plots": [str(p) for p in plots], "config": config_to_dict(cfg),
     }
     write_json(result, out / METRICS_FILE)
@@ -433,6 +442,7 @@ def run_morph(cfg: EvalMorphConfig) -> dict:
     print(f"eval-morph: {cfg.protocol} with {n_train} labels on {len(r['true'])} test galaxies: accuracy "
           f"{metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} (majority class "
           f"{base['accuracy']:.3f}) -> {out}", flush=True)
+    print_warnings("eval-morph", warnings)
     return result
 
 

@@ -16,7 +16,8 @@ Contract (the label-fraction sweep relies on it):
   ``progress`` and ``data.num_workers``) and the same checkpoint bytes (``ckpt_sha256``), it is returned
   without training. ``metrics.json`` is written last (atomically), so it marks a finished task; an
   interrupted task resumes from ``cfg.out/train_state.pt``.
-- ``cfg.out/config.yaml``: the resolved config, written before training.
+- ``cfg.out/config.yaml``: the resolved config, written before training (once the data and the encoder are
+  open). A bad ``out`` (a file, not writable) is refused before any work.
 - ``cfg.out/metrics.json`` keys: ``task`` ("specz"), ``protocol``, ``label_fraction``, ``seed``,
   ``n_train_labels`` (labelled train rows used), ``n_val``, ``n_test``, ``ckpt``, ``ckpt_sha256``; the
   test-split metrics of the PDF mean ``sigma_mad``, ``bias``, ``eta``, ``bin_accuracy``, ``crps``, ``n``;
@@ -24,7 +25,9 @@ Contract (the label-fraction sweep relies on it):
   the train median z for every galaxy); ``history`` (per-epoch losses, val CRPS), ``best_epoch``,
   ``epochs_run``, ``train_time_s``, ``config``; ``prior_only``: null, or with ``optim.allow_prior`` why the
   kept model is only the prior. Without it such a model is refused: no metrics.json, exit status 4,
-  ``cfg.out/metrics.prior_only.json`` (:func:`sslsky.train.finetune.refuse_prior_only`).
+  ``cfg.out/metrics.prior_only.json`` (:func:`sslsky.train.finetune.refuse_prior_only`). ``warnings``: why
+  the test split is too small to mean anything (:func:`sslsky.eval.metrics.small_test_warnings`: fewer than
+  20 labelled test galaxies; also printed), [] when it is not.
 - ``cfg.out/predictions.h5`` (atomic): per test galaxy ``object_id``, ``z_spec``, ``ebv``, ``z_mean``,
   ``z_median``, ``z_mode`` (N,) and ``pdf`` (N, K) float32 summing to 1, plus ``bin_edges`` (K + 1,).
 - ``cfg.out/plots/``: ``zphot_vs_zspec.png`` (density, 1:1 and outlier lines, metrics in the legend),
@@ -39,7 +42,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sslsky.config import EvalSpeczConfig, config_to_dict, write_config
+from sslsky.config import EvalSpeczConfig, config_to_dict
 from sslsky.data.ids import as_id_array, write_ids
 from sslsky.eval.metrics import (
     OUTLIER_THRESHOLD,
@@ -49,7 +52,9 @@ from sslsky.eval.metrics import (
     photoz_metrics,
     redshift_bin_edges,
     redshift_to_bin,
+    small_test_warnings,
 )
+from sslsky.outputs import output_dir
 from sslsky.train.finetune import (
     METRICS_FILE,
     Task,
@@ -57,6 +62,7 @@ from sslsky.train.finetune import (
     clear_train_state,
     file_sha256,
     finished_metrics,
+    print_warnings,
     refuse_prior_only,
     train_supervised,
     write_json,
@@ -88,11 +94,11 @@ def run_specz(cfg: EvalSpeczConfig) -> dict:
     done = finished_metrics(out, cfg)
     if done is not None:
         print(f"eval-specz: {out / METRICS_FILE} exists for this config; not training again", flush=True)
+        print_warnings("eval-specz", done.get("warnings") or [])
         return done
     check_config(cfg)
+    output_dir(cfg.out, "out")  # a file or a read-only folder: a message now, not after the training
     edges = redshift_bin_edges(cfg.n_bins, cfg.z_min, cfg.z_max)  # (K + 1,)
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out / "config.yaml")
 
     task = Task("photoz", "z", cfg.n_bins, lambda z: redshift_to_bin(z, edges),
                 val_score=lambda pdf, z: float(np.mean(crps_binned(pdf, z, edges))), val_score_name="val_crps")
@@ -105,6 +111,7 @@ def run_specz(cfg: EvalSpeczConfig) -> dict:
     by_estimate = {name: photoz_metrics(estimates[name], z_spec, pdf, edges) for name in POINT_ESTIMATES}
     train_z = run.splits.train.index.columns["z"][run.splits.train.indices]
     baseline = photoz_metrics(np.full(len(z_spec), np.median(train_z)), z_spec)
+    warnings = small_test_warnings(len(z_spec))
     outside = int(np.sum((train_z < cfg.z_min) | (train_z >= cfg.z_max)))
     if outside:
         print(f"eval-specz: {outside} train redshifts outside [{cfg.z_min}, {cfg.z_max}) trained the edge bins",
@@ -126,7 +133,7 @@ def run_specz(cfg: EvalSpeczConfig) -> dict:
         "n_bins": cfg.n_bins, "z_range": [cfg.z_min, cfg.z_max], "outlier_threshold": OUTLIER_THRESHOLD,
         "arch": run.backbone.arch, "stem": run.backbone.stem, "encoder_source": run.backbone.source,
         "best_epoch": run.best_epoch, "epochs_run": run.epochs_run, "train_time_s": run.train_time_s,
-        "prior_only": prior_only,
+        "prior_only": prior_only, "warnings": warnings,
         "history": run.history, "plots": [str(p) for p in plots], "config": config_to_dict(cfg),
     }
     write_json(result, out / METRICS_FILE)
@@ -135,6 +142,7 @@ def run_specz(cfg: EvalSpeczConfig) -> dict:
           f"sigma_MAD {metrics['sigma_mad']:.4f}, bias {metrics['bias']:+.4f}, eta {metrics['eta']:.3f}, "
           f"CRPS {metrics['crps']:.4f} (median-z baseline sigma_MAD {baseline['sigma_mad']:.4f}) -> {out}",
           flush=True)
+    print_warnings("eval-specz", warnings)
     return result
 
 

@@ -17,6 +17,11 @@ in this process. ``collect`` (at the end, or ``sslsky sweep ... --collect``) rea
 ``metrics.json`` into ``OUT/results.csv`` (its ``task`` column is the cell's task folder) and draws
 ``OUT/label_efficiency_<task>.png``: the task's headline metric (:data:`HEADLINE`: sigma_mad, accuracy,
 vote_mae) against the number of training labels, one line per protocol (mean over seeds, the band their range).
+A cell whose test split is too small to mean anything has its reasons in the ``warnings`` column (empty for
+a real result; :func:`sslsky.eval.metrics.small_test_warnings`), and the sweep says how many there are.
+
+Before anything is written or submitted, every cell's config is resolved (its base config plus the overrides),
+so a bad value in ``overrides`` is one message, not a failure in each array task.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from sslsky.config import ConfigError, SweepConfig
+from sslsky.config import ConfigError, SweepConfig, check_values
+from sslsky.outputs import output_dir
 
 #: Task name -> (module, function, schema name in sslsky.config, base-config field of SweepConfig).
 TASKS = {
@@ -63,13 +69,14 @@ class Cell:
 
 
 def cells(cfg: SweepConfig) -> list[Cell]:
-    """The grid, checked: unknown tasks or protocols, fractions outside (0, 1] are config errors."""
+    """The grid, checked: unknown tasks or protocols are config errors (the fractions' and seeds' ranges are the
+    schema's, :class:`sslsky.config.SweepConfig`)."""
+    problems = check_values(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
     for task in cfg.tasks:
         if task not in TASKS:
             raise ConfigError(f"sweep task {task!r}: choose from {', '.join(TASKS)}")
-    for fraction in cfg.label_fractions:
-        if not 0 < fraction <= 1:
-            raise ConfigError(f"label fraction {fraction} must lie in (0, 1]")
     out = []
     for task, protocol, fraction, seed in itertools.product(cfg.tasks, cfg.protocols, cfg.label_fractions,
                                                             cfg.seeds):
@@ -153,8 +160,6 @@ def make_task(cfg: SweepConfig, cell: Cell, out: Path) -> SweepTask:
 
 
 def use_slurm(cfg: SweepConfig) -> bool:
-    if cfg.executor not in ("auto", "slurm", "local"):
-        raise ConfigError(f"executor={cfg.executor!r}: choose auto, slurm or local")
     if cfg.executor == "slurm" and shutil.which("sbatch") is None:
         raise ConfigError("executor=slurm but sbatch is not on PATH; use executor=local or auto")
     return cfg.executor == "slurm" or (cfg.executor == "auto" and shutil.which("sbatch") is not None)
@@ -193,13 +198,22 @@ def submit_slurm(cfg: SweepConfig, tasks: list[SweepTask], out: Path) -> list:
 
 def run_sweep(cfg: SweepConfig, collect_only: bool = False) -> int:
     """Run (or submit) the missing cells, then collect; 0 when every cell has its metrics."""
+    out = Path(cfg.out)
     if not collect_only:
         if not cfg.data_path:
             raise ConfigError("data_path is empty: point it at packed shards")
-        if not cfg.ckpt and any(c.protocol != "scratch" for c in cells(cfg)):
+        if not Path(cfg.data_path).exists():
+            raise ConfigError(f"data_path={cfg.data_path!r} does not exist")
+        grid = cells(cfg)
+        if not cfg.ckpt and any(c.protocol != "scratch" for c in grid):
             raise ConfigError("ckpt is empty but protocols other than scratch need a pretrained encoder")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+        for task in sorted({c.task for c in grid}):  # each task's resolved config, before anything is written
+            cell = next(c for c in grid if c.task == task)
+            try:
+                make_task(cfg, cell, out).config()
+            except ConfigError as err:
+                raise ConfigError(f"the {task} cells' config ({TASKS[task][3]} + overrides): {err}") from None
+    output_dir(cfg.out, "out")
     from sslsky.config import write_config
 
     write_config(cfg, out / "sweep_config.yaml")
@@ -242,6 +256,12 @@ def run_sweep(cfg: SweepConfig, collect_only: bool = False) -> int:
         if cell not in {c for c, _ in failed}:
             print(f"sweep: no up-to-date {METRICS_NAME} for {cell.task} {cell.protocol} fraction "
                   f"{cell.label_fraction:g} seed {cell.seed} in {cell.folder(out)}", file=sys.stderr, flush=True)
+    flagged = [row for row in rows if row.get("warnings")]
+    if flagged:
+        print(f"sweep: WARNING: {len(flagged)} of {len(rows)} result(s) have a test split too small to mean "
+              f"anything (see the warnings column of {out / RESULTS_NAME}), e.g. {flagged[0]['task']} "
+              f"{flagged[0].get('protocol')} fraction {flagged[0].get('label_fraction')}: {flagged[0]['warnings']}",
+              file=sys.stderr, flush=True)
     print(f"sweep: {len(rows)} result(s) in {out / RESULTS_NAME}", flush=True)
     return 1 if (failed or missing) else 0
 
@@ -252,7 +272,8 @@ def collect(out: Path) -> list[dict]:
     for path in sorted(out.glob(f"*/*/frac*/seed*/{METRICS_NAME}")):
         task = path.relative_to(out).parts[0]
         metrics = json.loads(path.read_text())
-        row = {"task": task}
+        # a cell too small to mean anything says why next to the task (empty for a real result)
+        row = {"task": task, "warnings": "; ".join(metrics.get("warnings") or [])}
         for key, value in metrics.items():
             if key != "task" and (isinstance(value, (int, float, str, bool)) or value is None):
                 row[key] = value  # the folder names the task: morph and votes cells both run run_morph

@@ -68,6 +68,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 import typing
 from collections.abc import Callable, Iterator
@@ -81,11 +82,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from sslsky.augment import Reddening, survey_of_images
-from sslsky.config import ConfigError, SupervisedEvalConfig, config_to_dict
+from sslsky.config import ConfigError, SupervisedEvalConfig, check_values, config_to_dict, write_config
 from sslsky.data.shards import ShardDataset
 from sslsky.eval.encoders import CheckpointError, EvalTransform, eval_transform, load_encoder
 from sslsky.models.encoders import ARCHITECTURES, STEMS, build_encoder
 from sslsky.models.heads import HEADS, build_head, init_prior
+from sslsky.outputs import output_dir
 from sslsky.surveys import Survey
 from sslsky.train.checkpoint import load_checkpoint, save_checkpoint
 from sslsky.train.schedules import warmup_cosine
@@ -208,30 +210,32 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def check_config(cfg: SupervisedEvalConfig, protocols=PROTOCOLS) -> None:
-    """Errors a user can fix, before anything is loaded."""
+    """Errors a user can fix, before anything is loaded or written. Value ranges (label_fraction, batch size,
+    epochs, lr, ...) are the schema's (:func:`sslsky.config.check_values`: already enforced for a loaded config,
+    checked here again for one built in code); this adds what depends on the command and the files."""
+    problems = check_values(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
     if cfg.protocol not in protocols:
         raise ConfigError(f"protocol={cfg.protocol!r}: choose one of {', '.join(protocols)}")
     if not cfg.ckpt and cfg.protocol != "scratch":
         raise ConfigError(f"protocol={cfg.protocol} needs a pretrained encoder: set ckpt=PATH (e.g. "
                           f"runs/pretrain/encoder.pt); only protocol=scratch runs without one")
+    if cfg.ckpt and Path(cfg.ckpt).is_dir():
+        raise ConfigError(f"ckpt={cfg.ckpt!r} is a folder: give the checkpoint file in it (e.g. encoder.pt)")
     if cfg.ckpt and not Path(cfg.ckpt).is_file():
         raise ConfigError(f"ckpt={cfg.ckpt!r} does not exist")
     if not cfg.data.path:
         raise ConfigError("data.path is empty: point it at a packed folder (sslsky pack --out ...)")
     if not Path(cfg.data.path).exists():
         raise ConfigError(f"data.path={cfg.data.path!r} does not exist")
-    if not 0.0 < cfg.label_fraction <= 1.0:
-        raise ConfigError(f"label_fraction={cfg.label_fraction} must be in (0, 1]")
     if cfg.head.kind not in HEADS:
         raise ConfigError(f"head.kind={cfg.head.kind!r}: choose one of {', '.join(HEADS)}")
-    if cfg.data.batch_size < 2:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: need at least 2 (BatchNorm in the encoder)")
-    if cfg.optim.epochs < 1:
-        raise ConfigError(f"optim.epochs={cfg.optim.epochs} must be at least 1")
     if not cfg.ckpt and cfg.arch not in ARCHITECTURES:
         raise ConfigError(f"arch={cfg.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     if not cfg.ckpt and cfg.stem not in STEMS:
         raise ConfigError(f"stem={cfg.stem!r}: choose one of {', '.join(STEMS)}")
+    autocast_dtype(cfg.amp, resolve_device(cfg.device))
 
 
 @dataclass
@@ -313,7 +317,10 @@ def build_backbone(cfg: SupervisedEvalConfig, attrs: dict, device: torch.device)
     in_channels = n_bands or survey.n_bands
     encoder = build_encoder(cfg.arch, in_channels, cfg.stem)
     info = {"stats": attrs.get("stats") or {}, "augment": {"geometry": {"crop_size": cfg.crop_size}}}
-    transform = eval_transform(info, survey, in_channels, Path(cfg.data.path))
+    try:
+        transform = eval_transform(info, survey, in_channels, Path(cfg.data.path))
+    except ValueError as err:  # a crop that does not fit the cutouts
+        raise ConfigError(f"{err}: set crop_size to at most the cutout size (0: the survey's crop)") from None
     return Backbone(encoder.to(device), transform.to(device), cfg.arch, cfg.stem, in_channels,
                     int(encoder.feature_dim), "random", survey)
 
@@ -746,7 +753,10 @@ def _loss(task: Task, logits: Tensor, y: Tensor) -> Tensor:
 
 
 def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
-    """Train the head (linear) or the whole network (finetune / scratch) as configured; see the module doc."""
+    """Train the head (linear) or the whole network (finetune / scratch) as configured; see the module doc.
+
+    ``cfg.out/config.yaml`` is written once the data and the encoder are open, before training: a task that
+    fails on its inputs leaves the folder's files as they were."""
     check_config(cfg)
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.amp, device)
@@ -758,7 +768,8 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
     _check_ebv(cfg, splits)
     torch.manual_seed(cfg.seed)  # head (and scratch encoder) initialisation
     backbone = build_backbone(cfg, splits.attrs, device)
-    out = Path(cfg.out)
+    out = output_dir(cfg.out, "out")
+    write_config(cfg, out / "config.yaml")
     bs = cfg.data.batch_size
 
     # ---- data streams ------------------------------------------------------------------------
@@ -959,6 +970,15 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
     return SupervisedRun(model=model, backbone=backbone, task=task, splits=splits, cfg=cfg, device=device, amp=amp,
                          history=history, best_epoch=best["epoch"], epochs_run=epoch, train_time_s=train_time,
                          test_features=test_features, probe_epochs=probe_epochs, prior_only=prior_only)
+
+
+def print_warnings(command: str, warnings: typing.Sequence[str]) -> None:
+    """Print each warning of a result (e.g. :func:`sslsky.eval.metrics.small_test_warnings`) between bars on
+    stderr, where a reader of the log cannot miss it; nothing when there are none."""
+    if warnings:
+        bar = "!" * 100
+        lines = [bar, *(f"{command}: WARNING: {text}" for text in warnings), bar]
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def clear_train_state(out: str | os.PathLike) -> None:
