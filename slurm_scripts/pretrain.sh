@@ -9,7 +9,9 @@
 # MASTER_ADDR and MASTER_PORT come from the allocation (sslsky/train/dist.py).
 # SLURM sends USR2 three minutes before the limit: all ranks stop at the same
 # step, rank 0 checkpoints and requeues the job, and the requeued job resumes
-# from the run directory. Submit from the repository root (logs go to sout/).
+# from the run directory. Rank 0 locks the run directory (run_dir/pretrain.lock):
+# a second job on the same run_dir is refused (exit 2), the requeued job takes
+# over the lock of its own earlier run. Submit from the repository root (logs go to sout/).
 #SBATCH --job-name=sslsky-pretrain
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

@@ -7,6 +7,12 @@ the job is killed while writing.
 
     save_checkpoint(state, run_dir / "checkpoints" / "step-00001000.pt")
     state = load_latest(run_dir / "checkpoints")   # None when starting fresh
+
+A write that fails (a full disk or quota: ``OSError`` ENOSPC / EDQUOT, or the ``RuntimeError`` torch raises
+for a short write, "unexpected pos" / "failed writing") removes its temporary file and raises
+:class:`~sslsky.errors.DiskFullError` naming the file and the disk; the older checkpoints are untouched.
+An interrupted write (Ctrl-C, an exception) removes it too; only SIGKILL leaves ``.NAME.tmpPID`` behind,
+which ``sslsky pretrain`` removes at its next start (:mod:`sslsky.train.rundir`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from sslsky.errors import DiskFullError, is_no_space
+
 CHECKPOINT_PATTERN = "step-{step:08d}.pt"
 _STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -26,11 +34,17 @@ def save_checkpoint(state: dict, path: str | os.PathLike, keep: int = 2) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:  # the partial file never stays behind, whatever stopped the write
+        tmp.unlink(missing_ok=True)
+        if is_no_space(err):
+            raise DiskFullError(path, "checkpoint") from None
+        raise
     if keep > 0:
         for old in list_checkpoints(path.parent)[:-keep]:
             old.unlink(missing_ok=True)

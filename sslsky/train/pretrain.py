@@ -1,8 +1,10 @@
 """``sslsky pretrain``: MoCo v2, BYOL, hybrid (BYOL + votes) or votes only; DDP, on-device augmentation, exact resume.
 
-Reads top to bottom: set-up (distributed, data, augmentation, model,
-optimizer), restore from the run directory, then the step loop
-(data -> two augmented views -> loss -> update -> log / validate /
+Reads top to bottom: set-up (distributed, the run directory locked and a
+resume checked against the run's config, data, augmentation, model,
+optimizer), restore from the run directory, the run's files written (only
+now that everything is checked: :mod:`sslsky.train.rundir`), then the step
+loop (data -> two augmented views -> loss -> update -> log / validate /
 checkpoint), then the encoder export the evaluation scripts load.
 
 What is logged besides the loss depends on the method: moco, byol and hybrid log ``acc`` (in-batch
@@ -15,9 +17,6 @@ validates with ``val_loss_votes`` / ``val_vote_acc`` on the centred eval view of
 from __future__ import annotations
 
 import json
-import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,16 +29,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import SequentialSampler
 
 from sslsky.augment import AstroAugment, resolve_geometry, survey_of_images
-from sslsky.config import ConfigError, PretrainConfig, config_to_dict, write_config
+from sslsky.config import ConfigError, PretrainConfig, config_to_dict
 from sslsky.data.schema import PER_BAND_COLUMNS
 from sslsky.data.shards import VOTES_LABEL, ShardDataset, batch_loader
 from sslsky.data.splits import split_mask
 from sslsky.data.votes import VoteSchema
+from sslsky.errors import DiskFullError
 from sslsky.models import BYOL, HybridBYOL, MoCo, VoteModel
 from sslsky.surveys import Survey
 from sslsky.train import dist
-from sslsky.train.checkpoint import CHECKPOINT_PATTERN, load_latest, save_checkpoint
-from sslsky.train.preempt import PreemptionFlag, requeue_slurm_job
+from sslsky.train.checkpoint import CHECKPOINT_PATTERN, list_checkpoints, load_latest, save_checkpoint
+from sslsky.train.preempt import PreemptionFlag, ignore_interrupt, requeue_slurm_job
+from sslsky.train.rundir import MainRankFailedError, RunDirectory, append_text, on_main_rank
 from sslsky.train.sampler import ResumableDistributedSampler
 from sslsky.train.schedules import cosine_momentum, scaled_lr, warmup_cosine
 
@@ -148,22 +149,6 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-
-
-def record_run(run_dir: Path, cfg: PretrainConfig, command: list[str] | None = None) -> None:
-    """Resolved config, exact command and git SHA in the run directory (rank 0)."""
-    write_config(cfg, run_dir / "config.yaml")
-    with open(run_dir / "command.txt", "a") as handle:
-        handle.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} git {git_sha()} "
-                     f"job {os.environ.get('SLURM_JOB_ID', '-')}: {shlex.join(command or sys.argv)}\n")
-
-
 def batch_to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = {"image": batch["image"].to(device, non_blocking=True, memory_format=fmt),
@@ -182,16 +167,20 @@ def sync(device: torch.device) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard) on rank 0; silent elsewhere."""
+    """metrics.jsonl (+ TensorBoard) on rank 0; silent elsewhere.
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    ``purge_step``: on a resume, the step after the checkpoint; TensorBoard hides the events logged from there
+    on by the run that stopped (metrics.jsonl is trimmed the same way by :meth:`RunDirectory.record_start`).
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, purge_step: int | None = None):
         self.enabled = enabled
         self.writer = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
             except ImportError:
                 print("pretrain: tensorboard is not installed; logging to metrics.jsonl only", flush=True)
         self.path = run_dir / METRICS_FILE
@@ -199,8 +188,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n", "metrics")
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -265,25 +253,40 @@ def describe_held_out(record: dict[str, float]) -> str:
 
 
 def run_pretrain(cfg: PretrainConfig, command: list[str] | None = None) -> int:
-    """Train (or resume) as configured; 0 when finished or checkpointed on a stop signal."""
-    preempt = PreemptionFlag()  # USR2 / SIGTERM only set a flag from here on
+    """Train (or resume) as configured: 0 when finished or checkpointed on a stop signal (USR2 / SIGTERM),
+    130 after Ctrl-C (the first one checkpoints, a second one stops at once), 2 on the other ranks when rank 0
+    refused the start or could not write (it says why)."""
+    preempt = PreemptionFlag()  # USR2 / SIGTERM (and Ctrl-C once training runs) only set a flag from here on
+    run = RunDirectory(cfg.run_dir)  # rank 0 locks it in _run; released below on every exit path
     try:
-        return _run(cfg, preempt, command)
+        return _run(cfg, preempt, run, command)
+    except MainRankFailedError as err:
+        print(f"pretrain: rank {dist.rank()}: stopping with rank 0 ({err})", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        if dist.rank() == 0:
+            found = list_checkpoints(Path(cfg.run_dir) / "checkpoints")
+            resume = f"resume from {found[-1]}" if found else "start again (there is no checkpoint yet)"
+            print(f"\npretrain: stopped at once by Ctrl-C; run the same command again to {resume}", file=sys.stderr,
+                  flush=True)
+        return 130
     finally:
+        run.close()
         preempt.close()
         dist.cleanup()
 
 
-def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None = None) -> int:
+def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, command: list[str] | None = None) -> int:
     # ---- set-up ---------------------------------------------------------------------------
     env = dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
     device = pick_device(cfg.device, dist.local_rank())
     main = rank == 0
     run_dir = Path(cfg.run_dir)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        record_run(run_dir, cfg, command)
+    # Rank 0 locks the run directory and compares a resume with the run's config; nothing is written yet.
+    state, changes = on_main_rank(lambda: run.open(cfg), main) or (None, [])
+    if not main:
+        state = load_latest(run_dir / "checkpoints")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
     if not cfg.data.path:
@@ -318,15 +321,25 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     global_batch = cfg.data.batch_size * world
+    if isinstance(model, MoCo):  # the queue takes whole global batches: say so now, not at the first step
+        try:
+            model.check_batch(global_batch)
+        except ValueError as err:
+            raise ConfigError(f"model.queue_size: {err}") from None
     peak_lr = scaled_lr(cfg.optim.base_lr, global_batch, cfg.optim.reference_batch)
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(cfg.seed * 1_000_003 + rank)
 
     # ---- restore: a started-again run just continues ----------------------------------------
     step = 0
-    state = load_latest(run_dir / "checkpoints")
     if state is not None:
-        model.load_state_dict(state["model"])  # strict: a mismatch is an error, never ignored
+        try:
+            model.load_state_dict(state["model"])  # strict: a mismatch is an error, never ignored
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())
+            raise ConfigError(f"the latest checkpoint in {run_dir / 'checkpoints'} does not fit the model of this "
+                              f"config ({detail[:300]}{'...' if len(detail) > 300 else ''}); resume with the "
+                              f"run's model settings, or start a new run in another run_dir") from None
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
@@ -353,7 +366,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
     # Each batch is one read straight into a (B, C, H, W) array (ShardDataset.read_batch).
     loader = batch_loader(train_set, sampler, cfg.data.batch_size, drop_last=True, num_workers=cfg.data.num_workers,
                           pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
-                          generator=torch.Generator())
+                          generator=torch.Generator(), worker_init_fn=ignore_interrupt)
     # Full validation batches only: the in-batch top-1 depends on the batch size (chance = 1 / batch).
     # The vote NLL is per galaxy: every labelled validation galaxy counts.
     votes_only = cfg.method == "votes"
@@ -373,7 +386,9 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
                                       **ddp_buffer_kwargs())
     if cfg.compile:
         net = torch.compile(net)
-    log = MetricsLog(run_dir, main, cfg.tensorboard)
+    # Everything is checked and built: only now are the run's files written (config.yaml on a fresh start).
+    on_main_rank(lambda: run.record_start(cfg, state, changes, command), main)
+    log = MetricsLog(run_dir, main, cfg.tensorboard, purge_step=step + 1 if state is not None else None)
     steps_per_epoch = sampler.batches_per_epoch
     if main:
         print(f"pretrain: {env} | {len(train_set)} train / {len(val_set)} val images, "
@@ -386,10 +401,22 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
         bar = progress(cfg.optim.total_steps, "pretrain", initial=step)
 
     def checkpoint() -> None:
-        """Called on every rank at the same step; rank 0 writes."""
+        """Called on every rank at the same step; rank 0 writes, and every rank stops if it could not."""
         gathered_rng = gather_rng(aug_gen)
-        if not main:
-            return
+        on_main_rank(lambda: write_checkpoint(gathered_rng), main)
+
+    def write_checkpoint(gathered_rng: list[torch.Tensor]) -> None:
+        path = run_dir / "checkpoints" / CHECKPOINT_PATTERN.format(step=step)
+        try:
+            write_state(gathered_rng, path)
+        except DiskFullError:
+            whole = list_checkpoints(path.parent)
+            print(f"pretrain: the checkpoint of step {step} was not written; "
+                  f"{f'a restart resumes from {whole[-1]}' if whole else 'there is no checkpoint yet'}",
+                  file=sys.stderr, flush=True)
+            raise
+
+    def write_state(gathered_rng: list[torch.Tensor], path: Path) -> None:
         save_checkpoint({
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -401,7 +428,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
             "data_info": {"survey": survey.name, "bands": list(train_set.attrs.get("bands") or survey.bands),
                           "stats": train_set.attrs.get("stats") or {},
                           "augment": config_to_dict(augment.augment.cfg)},  # cutout and crop sizes resolved
-        }, run_dir / "checkpoints" / CHECKPOINT_PATTERN.format(step=step), keep=cfg.keep_checkpoints)
+        }, path, keep=cfg.keep_checkpoints)
 
     # ---- the step loop -------------------------------------------------------------------------
     timers = dict.fromkeys(("data", "augment", "forward_backward", "optimizer", "sync"), 0.0)
@@ -413,6 +440,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
             print(f"pretrain: step 0 {describe_held_out(record)}", flush=True)
     dist.barrier()
     model.train()
+    preempt.step = step + 1  # from here a Ctrl-C checkpoints at the end of the step it lands in
     while step < cfg.optim.total_steps and not stopped:
         epoch, offset = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start_batch=offset)
@@ -453,6 +481,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
             step += 1
             window_steps += 1
             stop = preempt.agreed(device)
+            preempt.step = step + 1
             timers["sync"] += (now := time.perf_counter()) - t
             if bar is not None:
                 bar.update(1)
@@ -484,10 +513,16 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, command: list[str] | None
             t = time.perf_counter()
 
     # ---- the end: preempted, or finished and exported -------------------------------------
+    preempt.step = None  # a Ctrl-C from here stops at once
     if bar is not None:
         bar.close()
     log.close()
     dist.barrier()
+    if stopped and preempt.interrupted:
+        if main:
+            print(f"pretrain: Ctrl-C -> checkpoint at step {step}; run the same command again to continue",
+                  flush=True)
+        return 130
     if stopped:
         if main:
             print(f"pretrain: stop signal {preempt.signum} -> checkpoint at step {step}", flush=True)
