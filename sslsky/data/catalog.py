@@ -16,6 +16,15 @@ FITS, CSV, ECSV or Parquet (astropy; Parquet through pyarrow).
 Paths in ``file`` are relative to the catalog's folder (absolute paths are
 kept). A ``file`` holding ``{band}`` names one 2D image per band.
 
+Values out of their physical range are rejected per row and listed with the
+value (:func:`_range_problems`, the one place rows are checked for range): ra
+outside [0, 360) degrees, dec outside [-90, 90], a redshift z < 0 or infinite
+(NaN means unknown), E(B-V) < 0 or infinite, and a class outside the declared
+classes: 0 .. K-1 where K is the larger of the package's morphology
+vocabulary (:data:`sslsky.data.votes.MORPH_CLASSES`, 7 classes) and the number
+of distinct names in the ``<label>_name`` column (``morph_name``); -1 is
+unlabelled. A class past 6 thus needs its name declared in that column.
+
 The original ssl-sky-surveys HDF5 files (Hayat et al. 2021) hold the images
 themselves: ``images`` (N, C, H, W) -- the layout of the original data
 loader, which swaps axes 0 and 2 of each (C, H, W) row -- or (N, H, W, C),
@@ -270,6 +279,45 @@ def _check_labels(column, name: str, path: Path) -> None:
                        f"integer column (0, 1, ...; -1 unknown) with label_column=")
 
 
+def declared_classes(raw: dict, label_name: str | None) -> tuple[int, str]:
+    """(K, where K comes from): classes 0..K-1 are declared (see the module docstring)."""
+    from sslsky.data.votes import MORPH_CLASSES
+
+    k, where = len(MORPH_CLASSES), f"the {len(MORPH_CLASSES)} classes of the package's morphology vocabulary"
+    name_column = next((c for c in (f"{label_name}_name", "morph_name" if label_name == LABEL_COLUMN else None)
+                        if label_name and c and c in raw), None)
+    if name_column is not None:
+        names = {str(v).strip() for v in np.asarray(np.ma.getdata(raw[name_column]), dtype=str)} - {""}
+        if len(names) > k:
+            k, where = len(names), f"the {len(names)} names in column {name_column!r}"
+    return k, where
+
+
+def _range_problems(columns: dict, n_classes: int, classes_from: str, label_name: str) -> dict[int, list[str]]:
+    """Row -> what is out of physical range (empty values are reported elsewhere; NaN z/ebv means unknown)."""
+    out: dict[int, list[str]] = {}
+
+    def flag(mask, text):
+        for row in np.flatnonzero(mask):
+            out.setdefault(int(row), []).append(text(int(row)))
+
+    ra, dec = columns["ra"], columns["dec"]
+    z, ebv, label = columns["z"], columns["ebv"], columns[LABEL_COLUMN]
+    with np.errstate(invalid="ignore"):
+        bad_ra = np.isfinite(ra) & ((ra < 0.0) | (ra >= 360.0))
+        bad_dec = np.isfinite(dec) & (np.abs(dec) > 90.0)
+        flag(bad_ra | bad_dec, lambda r: (
+            f"ra, dec = {ra[r]:.6g}, {dec[r]:.6g} is not a sky position in degrees (ra in [0, 360), dec in "
+            f"[-90, 90]" + ("; ra and dec swapped?" if abs(dec[r]) > 90.0 and 0 <= dec[r] < 360 else "")
+            + ("; a catalog in [-180, 180) needs 360 added to negative ra" if -180 <= ra[r] < 0 else "") + ")"))
+        flag((z < 0) | np.isinf(z), lambda r: f"z = {z[r]:.6g} is not a redshift (z >= 0; NaN if unknown)")
+        flag((ebv < 0) | np.isinf(ebv), lambda r: f"ebv = {ebv[r]:.6g} is not an E(B-V) (>= 0; NaN if unknown)")
+    flag((label < -1) | (label >= n_classes), lambda r: (
+        f"{label_name} {int(label[r])} is not a declared class (0..{n_classes - 1}: {classes_from}; -1 unlabelled); "
+        f"declare more classes by their names in a {label_name}_name column"))
+    return out
+
+
 def _pick_column(raw: dict, names: list, wanted: str, aliases: tuple[str, ...], what: str, path: Path) -> str | None:
     """The catalog column for ``what``: ``wanted`` (which must exist), else the first alias present, else None."""
     if wanted:
@@ -348,9 +396,11 @@ def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5, id_column: str 
         else:
             columns[name] = _as_float(raw[name], fill, dtype)
     cat = Catalog(path, columns, legacy=legacy, id_column=id_name, label_column=label_name or LABEL_COLUMN)
+    n_classes, classes_from = declared_classes(raw, label_name)
     if label_name is not None:
         _check_labels(raw[label_name], label_name, path)
-        cat.label_names = _label_names(raw, label_name, columns[LABEL_COLUMN])
+        labels = columns[LABEL_COLUMN]
+        cat.label_names = _label_names(raw, label_name, np.where(labels < n_classes, labels, -1))
 
     vote_names = [name for name in names if name.startswith(VOTES_PREFIX)]
     if vote_names:  # masked or NaN counts (no volunteer saw it) become 0
@@ -366,16 +416,13 @@ def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5, id_column: str 
     empty = {name: _missing_mask(raw[name]) for name in ("ra", "dec", "file")}
     empty["ra"] |= ~np.isfinite(columns["ra"])
     empty["dec"] |= ~np.isfinite(columns["dec"])
-    with np.errstate(invalid="ignore"):  # degrees; ra in [0, 360) or [-180, 180), as catalogs write it
-        off_sky = ~empty["ra"] & ((columns["ra"] < -180.0) | (columns["ra"] > 360.0))
-        off_sky |= ~empty["dec"] & (np.abs(columns["dec"]) > 90.0)
-    for row in np.flatnonzero(bad_id | empty["ra"] | empty["dec"] | empty["file"] | off_sky):
+    out_of_range = _range_problems(columns, n_classes, classes_from, label_name or LABEL_COLUMN)
+    flagged = np.zeros(n, dtype=bool)
+    flagged[list(out_of_range)] = True
+    for row in np.flatnonzero(bad_id | empty["ra"] | empty["dec"] | empty["file"] | flagged):
         row = int(row)
         problems = [f"missing {name}" for name in ("ra", "dec", "file") if empty[name][row]]
-        if off_sky[row]:
-            swapped = "; ra and dec swapped?" if abs(columns["dec"][row]) > 90.0 else ""
-            problems.append(f"ra, dec = {columns['ra'][row]:.6g}, {columns['dec'][row]:.6g} is not a sky position "
-                            f"in degrees (ra in [-180, 360], dec in [-90, 90]{swapped})")
+        problems += out_of_range.get(row, [])
         if bad_id[row]:
             value = np.ma.getdata(raw["object_id"])[row].item()  # a Python number: 0.5, not np.float64(0.5)
             problems.insert(0, f"missing {id_name}" if _missing_mask(raw["object_id"][row:row + 1])[0]

@@ -19,11 +19,25 @@ Steps:
    is listed and left out; the run goes on.
 4. A shard stores in its attributes a key over its catalog rows and the
    config fields that change its content; a re-run skips shards whose key
-   matches (resume after a crash or a SIGKILL) and rewrites the others.
+   matches and whose content verifies (resume after a crash or a SIGKILL):
+   the previous manifest's size and sha256 when it lists the shard with the
+   same key, every chunk read back (HDF5 checks the Fletcher32 checksums)
+   and every image against its checksum
+   (:func:`sslsky.data.verify.check_shard`). Any other shard is rewritten,
+   a damaged one with a message saying so.
+   Every image has a checksum in the ``image_sum32`` column (checked by
+   readers on every read: cheap), every per-row column a Fletcher32 filter
+   (checked by HDF5 when it is read, once per open), the file's metadata
+   HDF5's own checksums, and the manifest records each shard's size and
+   sha256 (DESIGN.md, Integrity). Fletcher32 on the images themselves
+   (``IMAGE_FLETCHER32``) is off: it costs 40-50% of the rate of reading
+   cutouts from the page cache (benchmarks/bench_loader.py).
 5. Rank 0 gathers shard lists, rejections, a pixel sample for the per-band
    statistics (the same cutouts for any number of ranks) and the float16
    error, and writes ``manifest.json``, ``rejected.csv`` and ``config.yaml``
-   atomically.
+   atomically. The statistics come from finite pixels only; a band whose
+   median or sigma_mad is not finite, or whose sigma_mad is not > 0, is a
+   :class:`~sslsky.errors.DataError` and no manifest is written.
 
 Exit status: 0 when every row was packed, 3 when some were rejected (listed
 in ``OUT/rejected.csv``), 2 for a config or catalog error.
@@ -60,6 +74,7 @@ from sslsky.data.schema import (
     BAND_PLACEHOLDER,
     CATALOG_ROW_COLUMN,
     IMAGE_DTYPES,
+    IMAGE_SUM_DATASET,
     IMAGES_DATASET,
     MANIFEST_NAME,
     PACK_KEY_ATTR,
@@ -74,6 +89,8 @@ from sslsky.data.schema import (
     VOTES_COLUMNS_ATTR,
     VOTES_DATASET,
 )
+from sslsky.data.verify import check_shard, file_sha256, row_sum32
+from sslsky.errors import DataError
 from sslsky.parallel import get_comm, split_evenly
 from sslsky.surveys import SURVEYS, get_survey
 
@@ -91,6 +108,13 @@ STATS_SEED = 20210401
 FLOAT16_TINY = float(np.finfo(np.float16).smallest_normal)
 #: Smallest image_size worth training on (the encoders' stems and crops need room).
 MIN_IMAGE_SIZE = 16
+#: Checksums of a shard, part of the shard key: a per-row image checksum, Fletcher32 on the per-row columns.
+CHECKSUM = "image_sum32+fletcher32-columns"
+#: Fletcher32 on the image chunks too (HDF5 then checks each read): off, since it costs more than the read from
+#: the page cache; benchmarks/bench_loader.py sets it to measure that.
+IMAGE_FLETCHER32 = False
+#: Oldest HDF5 file format the shards use: 1.8's object headers carry checksums of their own metadata.
+SHARD_LIBVER = ("v108", "latest")
 
 
 @dataclass
@@ -302,16 +326,9 @@ def shard_key(cat: Catalog, rows: np.ndarray, layout: Layout, cfg: PackConfig) -
         "layout": asdict(layout),
         "fill_value": cfg.fill_value,
         "max_bad_fraction": cfg.max_bad_fraction,
+        "checksum": CHECKSUM + ("+fletcher32-images" if IMAGE_FLETCHER32 else ""),  # older shards are rewritten
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class CutoutSource:
@@ -366,18 +383,50 @@ def _attr_str(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _finished_shard(path: Path, key: str, rank: int, first_last: list[int], samples_wanted: set) -> ShardResult | None:
-    """The result of a shard a previous run finished with the same key, else None (it is rewritten)."""
+def _shard_entry(path: Path, rows: int, key: str, rank: int, first_last: list[int]) -> dict:
+    """The manifest entry of a finished shard: its rows, size, sha256 and key."""
+    return {"path": path.name, "rows": int(rows), "size_bytes": path.stat().st_size, "sha256": file_sha256(path),
+            "pack_key": key, "rank": rank, "catalog_rows": first_last}
+
+
+def previous_entries(out: Path) -> dict[str, dict]:
+    """Shard name -> entry of the manifest a previous pack left in ``out`` ({} when there is none or it is
+    damaged: the shards are then checked by their checksums alone)."""
+    try:
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        return {entry["path"]: entry for entry in manifest["shards"] if isinstance(entry, dict) and "path" in entry}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _finished_shard(path: Path, key: str, rank: int, first_last: list[int], samples_wanted: set,
+                    previous: dict | None = None) -> ShardResult | None:
+    """The result of a shard a previous run finished with the same key and whose content verifies, else None
+    (it is rewritten). ``previous``: the shard's entry in the previous manifest, checked (size, sha256, rows)
+    when it was written with the same key."""
     import h5py
 
     if not path.is_file():
         return None
     try:
         with h5py.File(path, "r") as handle:
-            if _attr_str(handle.attrs.get(PACK_KEY_ATTR, "")) != key:
-                print(f"sslsky pack: rank {rank}: rewriting {path.name}: it was made from other rows or config",
-                      file=sys.stderr)
-                return None
+            found = _attr_str(handle.attrs.get(PACK_KEY_ATTR, ""))
+    except OSError as err:
+        print(f"sslsky pack: rank {rank}: rewriting {path.name}: it is damaged (not a readable HDF5 file: {err})",
+              file=sys.stderr)
+        return None
+    if found != key:
+        print(f"sslsky pack: rank {rank}: rewriting {path.name}: it was made from other rows or config",
+              file=sys.stderr)
+        return None
+    expected = previous if previous and previous.get("pack_key") == key else None
+    problems = check_shard(path, expected)
+    if problems:
+        print(f"sslsky pack: rank {rank}: rewriting {path.name}: it is damaged ({'; '.join(problems)})",
+              file=sys.stderr)
+        return None
+    try:
+        with h5py.File(path, "r") as handle:
             rows = handle[CATALOG_ROW_COLUMN][()]
             images = handle[IMAGES_DATASET]
             samples = {int(r): pixel_sample(images[i]) for i, r in enumerate(rows) if int(r) in samples_wanted}
@@ -388,8 +437,7 @@ def _finished_shard(path: Path, key: str, rank: int, first_last: list[int], samp
     except (OSError, KeyError, ValueError) as err:
         print(f"sslsky pack: rank {rank}: rewriting {path.name}: cannot read it back ({err})", file=sys.stderr)
         return None
-    entry = {"path": path.name, "rows": int(n), "sha256": file_sha256(path), "rank": rank, "catalog_rows": first_last}
-    return ShardResult(entry, rejected, samples, errors, 0, True)
+    return ShardResult(_shard_entry(path, n, key, rank, first_last), rejected, samples, errors, 0, True)
 
 
 def _write_shard(path: Path, rows: np.ndarray, key: str, cat: Catalog, layout: Layout, cfg: PackConfig,
@@ -398,13 +446,15 @@ def _write_shard(path: Path, rows: np.ndarray, key: str, cat: Catalog, layout: L
 
     channels, height, width = layout.shape
     dtype = np.dtype(layout.dtype)
-    kept, filled, rejected, samples = [], [], [], {}
+    kept, filled, sums, rejected, samples = [], [], [], [], {}
     worst = (0.0, 0.0)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with h5py.File(tmp, "w") as handle:
+    with h5py.File(tmp, "w", libver=SHARD_LIBVER) as handle:
         images = handle.create_dataset(IMAGES_DATASET, shape=(len(rows), channels, height, width),
                                        maxshape=(None, channels, height, width), chunks=(1, channels, height, width),
-                                       dtype=dtype, track_times=False)
+                                       dtype=dtype, fletcher32=IMAGE_FLETCHER32, track_times=False)
+        memory_space = h5py.h5s.create_simple((channels, height, width))
+        file_space = images.id.get_space()
         for row in rows:
             row = int(row)
             try:
@@ -414,15 +464,17 @@ def _write_shard(path: Path, rows: np.ndarray, key: str, cat: Catalog, layout: L
                 data = source.to_stored(data)
                 if dtype == np.float16 and layout.resampled:  # resampling sums fluxes: check the range again
                     check_float16(data, cat.cutout_path(row), f" after resampling to {height}x{width}")
+                stored = np.ascontiguousarray(data, dtype=dtype)
             except CutoutError as err:
                 rejected.append((row, cat.columns["object_id"][row].item(), str(cat.columns["file"][row]),
                                  err.reason))
             else:
-                stored = np.ascontiguousarray(data, dtype=dtype)
                 if dtype == np.float16:
                     errors = float16_errors(data, stored)
                     worst = (max(worst[0], errors[0]), max(worst[1], errors[1]))
-                images.id.write_direct_chunk((len(kept), 0, 0, 0), stored.tobytes())
+                file_space.select_hyperslab((len(kept), 0, 0, 0), (1, channels, height, width))
+                images.id.write(memory_space, file_space, stored)  # through the filters (Fletcher32 when on)
+                sums.append(row_sum32(stored))
                 if row in samples_wanted:
                     samples[row] = pixel_sample(stored)
                 kept.append(row)
@@ -443,15 +495,16 @@ def _write_shard(path: Path, rows: np.ndarray, key: str, cat: Catalog, layout: L
                 continue
             else:
                 values = cat.columns[name][kept_rows]
-            handle.create_dataset(name, data=np.asarray(values, dtype=column_dtype), track_times=False)
+            handle.create_dataset(name, data=np.asarray(values, dtype=column_dtype), **_column_options(len(kept)))
+        handle.create_dataset(IMAGE_SUM_DATASET, data=np.asarray(sums, dtype=np.uint32), **_column_options(len(kept)))
         if cat.votes is not None:
-            votes = handle.create_dataset(VOTES_DATASET, data=cat.votes[kept_rows], track_times=False)
+            votes = handle.create_dataset(VOTES_DATASET, data=cat.votes[kept_rows], **_column_options(len(kept)))
             votes.attrs[VOTES_COLUMNS_ATTR] = cat.votes_columns
         for name in PER_BAND_COLUMNS:
             matrix = cat.per_band_matrix(name, layout.bands)
             if matrix is not None:
                 values = matrix[kept_rows] * (layout.noise_scale if name == "sky_sigma" else 1.0)  # per stored pixel
-                handle.create_dataset(name, data=values.astype(np.float32), track_times=False)
+                handle.create_dataset(name, data=values.astype(np.float32), **_column_options(len(kept)))
         attrs = handle.attrs
         attrs["survey"] = layout.survey
         attrs["bands"] = layout.bands
@@ -466,9 +519,13 @@ def _write_shard(path: Path, rows: np.ndarray, key: str, cat: Catalog, layout: L
         attrs[PACK_REJECTED_ATTR] = json.dumps(rejected)
         attrs[PACK_KEY_ATTR] = key  # written last: a shard with a key is complete
     os.replace(tmp, path)
-    entry = {"path": path.name, "rows": len(kept), "sha256": file_sha256(path), "rank": rank,
-             "catalog_rows": [int(rows[0]), int(rows[-1])]}
+    entry = _shard_entry(path, len(kept), key, rank, [int(rows[0]), int(rows[-1])])
     return ShardResult(entry, rejected, samples, worst, len(rows), False)
+
+
+def _column_options(n: int) -> dict:
+    """create_dataset options of a per-row column: one chunk, checksummed (an empty column cannot be chunked)."""
+    return {"track_times": False, "fletcher32": True, "chunks": True} if n else {"track_times": False}
 
 
 def pack_rank(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, rank: int, size: int) -> dict:
@@ -477,6 +534,7 @@ def pack_rank(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, rank: in
     mine = cat.valid_rows[split_evenly(len(cat.valid_rows), size, rank)]
     groups = [mine[i:i + cfg.shard_size] for i in range(0, len(mine), cfg.shard_size)]
     samples_wanted = set(stats_rows(cat.valid_rows, cfg.stats_sample).tolist())
+    previous = previous_entries(out)
     sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
     progress = None
     if rank == 0 and cfg.progress:
@@ -489,7 +547,8 @@ def pack_rank(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, rank: in
         for index, rows in enumerate(groups):
             path = out / SHARD_PATTERN.format(rank=rank, index=index)
             key = shard_key(cat, rows, layout, cfg)
-            result = _finished_shard(path, key, rank, [int(rows[0]), int(rows[-1])], samples_wanted)
+            result = _finished_shard(path, key, rank, [int(rows[0]), int(rows[-1])], samples_wanted,
+                                     previous.get(path.name))
             if result is None:
                 result = _write_shard(path, rows, key, cat, layout, cfg, source, rank, samples_wanted,
                                       progress, sleep)
@@ -519,18 +578,39 @@ def pack_rank(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, rank: in
 
 
 def band_statistics(samples: dict, bands: str) -> dict | None:
-    """Per-band median, sigma from the MAD, 1st and 99th percentiles of the sampled pixels."""
+    """Per-band median, sigma from the MAD, 1st and 99th percentiles of the sampled pixels (finite ones only).
+
+    DataError when a band's median or sigma is not finite or its sigma is not > 0: such statistics would make
+    training divide by zero or by NaN, so they are never written to the manifest.
+    """
     if not samples:
         return None
     pixels = np.concatenate([samples[row] for row in sorted(samples)], axis=1).astype(np.float64)  # (C, P)
-    median = np.median(pixels, axis=1)
-    mad = np.median(np.abs(pixels - median[:, None]), axis=1)
+    finite = np.isfinite(pixels)
+    if not finite.all():
+        print(f"sslsky pack: warning: {int((~finite).sum())} non-finite sampled pixel(s) left out of the per-band "
+              f"statistics", file=sys.stderr)
+    median, mad, p01, p99 = (np.full(len(pixels), np.nan) for _ in range(4))
+    for b, (values, ok) in enumerate(zip(pixels, finite)):
+        values = values[ok]
+        if values.size:
+            median[b] = np.median(values)
+            mad[b] = np.median(np.abs(values - median[b]))
+            p01[b], p99[b] = np.percentile(values, [1, 99])
+    sigma = 1.4826 * mad
+    bad = [f"{bands[b] if b < len(bands) else b}: median {median[b]:.6g}, sigma_mad {sigma[b]:.6g}"
+           for b in range(len(pixels)) if not (np.isfinite(median[b]) and np.isfinite(sigma[b]) and sigma[b] > 0)]
+    if bad:
+        raise DataError(f"the per-band statistics of {len(samples)} sampled cutouts are unusable ({'; '.join(bad)}): "
+                        f"sigma_mad must be finite and > 0 (it is 0 when more than half of a band's sampled pixels "
+                        f"have one value, e.g. a flat black background). Check the cutouts, or sample more with "
+                        f"stats_sample=; no manifest was written (the shards are kept and reused by the next run)")
     return {
         "bands": list(bands),
         "median": median.tolist(),
-        "sigma_mad": (1.4826 * mad).tolist(),
-        "p01": np.percentile(pixels, 1, axis=1).tolist(),
-        "p99": np.percentile(pixels, 99, axis=1).tolist(),
+        "sigma_mad": sigma.tolist(),
+        "p01": p01.tolist(),
+        "p99": p99.tolist(),
         "n_cutouts": len(samples),
         "pixels_per_band": int(pixels.shape[1]),
     }

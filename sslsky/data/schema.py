@@ -63,6 +63,9 @@ CATALOG_ROW_COLUMN = "catalog_row"
 SHARD_COLUMNS[CATALOG_ROW_COLUMN] = np.int64
 #: Image dataset of a shard, (N, C, H, W), one image per chunk.
 IMAGES_DATASET = "images"
+#: Per-row checksum of the images, (N,) uint32: the wrapping sum of each row's stored bytes read as little-endian
+#: uint32 words (the last one zero-padded); readers check it on every read (:func:`sslsky.data.verify.row_sum32`).
+IMAGE_SUM_DATASET = "image_sum32"
 #: Vote counts of a shard, (N, A) int32, with attribute VOTES_COLUMNS_ATTR naming the A catalog columns.
 VOTES_DATASET = "votes"
 VOTES_COLUMNS_ATTR = "columns"

@@ -20,11 +20,22 @@ ids as a list of str.
 
 The same class reads one HDF5 file in the layout of the original
 ssl-sky-surveys data (``images``, ``specz_redshift``, ``e_bv``, ``ObjID``).
+
+Every read is checked, cheaply and always (DESIGN.md, Integrity): at open,
+each shard's size and row count must match ``manifest.json``, and HDF5
+verifies the Fletcher32 checksums of the per-row columns as it reads them;
+each image read is checked against its row's checksum in ``image_sum32``
+(:func:`~sslsky.data.verify.row_sum32`, a few microseconds). A missing,
+truncated or damaged shard or manifest is a
+:class:`~sslsky.errors.DataError` naming the file (and the row) and the fix:
+``sslsky pack`` again with the same catalog and ``--out``, which rewrites
+exactly the damaged shards; ``sslsky verify DATA`` checks everything fully
+(:mod:`sslsky.data.verify`). Shards packed before checksums existed are read
+as before (their manifest's sha256 still lets ``sslsky verify`` check them).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +47,24 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from sslsky.data.ids import is_string_ids, read_ids
 from sslsky.data.schema import (
+    IMAGE_SUM_DATASET,
     LEGACY_LAYOUT,
-    MANIFEST_NAME,
     OPTIONAL_COLUMNS,
     PER_BAND_COLUMNS,
     VOTES_COLUMNS_ATTR,
     VOTES_DATASET,
 )
 from sslsky.data.splits import DEFAULT_FRACTIONS, label_subset, split_mask
+from sslsky.data.verify import (
+    MissingDataError,
+    load_manifest,
+    manifest_entries,
+    open_shard,
+    read_error,
+    repack_hint,
+    row_sum32,
+)
+from sslsky.errors import DataError
 
 #: Per-row columns a dataset item carries besides the image.
 ITEM_COLUMNS = ("object_id", "z", "ebv", "morph_class")
@@ -54,6 +75,17 @@ LABELS = {
 }
 #: ``label=VOTES_LABEL``: rows with at least one volunteer vote in the dataset's ``vote_columns``.
 VOTES_LABEL = "votes"
+
+
+def _check_entry(path: Path, entry: dict, n_rows: int | None, folder) -> None:
+    """DataError unless the shard's size (and row count, when known) are what its manifest entry says."""
+    size = entry.get("size_bytes")
+    if size is not None and path.stat().st_size != int(size):
+        raise DataError(f"shard {path} is {path.stat().st_size} bytes, the manifest says {int(size)} (truncated or "
+                        f"overwritten); {repack_hint(folder)}")
+    rows = entry.get("rows")
+    if n_rows is not None and rows is not None and int(rows) != n_rows:
+        raise DataError(f"shard {path} holds {n_rows} rows, the manifest says {int(rows)}; {repack_hint(folder)}")
 
 
 @dataclass
@@ -67,6 +99,7 @@ class ShardIndex:
     channels_last: bool = False  # legacy files store (N, H, W, C)
     attrs: dict = field(default_factory=dict)
     vote_columns: list[str] = field(default_factory=list)  # names of the columns of columns["votes"] (N, A)
+    folder: Path | None = None  # the packed folder (None: one file), named in messages
 
     @property
     def offsets(self) -> np.ndarray:
@@ -84,7 +117,10 @@ def _read_columns(handle: h5py.File, names: dict[str, str], n: int, where: str) 
         elif name in OPTIONAL_COLUMNS:
             out[name] = np.full(n, OPTIONAL_COLUMNS[name])
         else:
-            raise KeyError(f"{where}: dataset {stored!r} is missing; re-pack with `sslsky pack`")
+            raise DataError(f"{where}: dataset {stored!r} is missing; re-pack with `sslsky pack`")
+        if len(out[name]) != n:
+            raise DataError(f"{where}: dataset {stored!r} has {len(out[name])} rows, the images {n}; "
+                            f"{repack_hint()}")
     return out
 
 
@@ -93,64 +129,70 @@ def _is_legacy(handle: h5py.File) -> bool:
 
 
 def _index_legacy(path: Path) -> ShardIndex:
-    with h5py.File(path, "r") as handle:
-        images = handle["images"]
-        n = images.shape[0]
-        # (N, H, W, C) in the original files; accept (N, C, H, W) too.
-        channels_last = images.shape[-1] < images.shape[1]
-        names = {stored: name for stored, name in LEGACY_LAYOUT.items() if stored != "images"}
-        columns = _read_columns(handle, names, n, str(path))
+    with open_shard(path) as handle:
+        try:
+            images = handle["images"]
+            n = images.shape[0]
+            # (N, H, W, C) in the original files; accept (N, C, H, W) too.
+            channels_last = images.shape[-1] < images.shape[1]
+            names = {stored: name for stored, name in LEGACY_LAYOUT.items() if stored != "images"}
+            columns = _read_columns(handle, names, n, str(path))
+        except (OSError, KeyError) as err:
+            raise read_error(path, None, err) from None
         attrs = {"bands": "", "photometric": True, "legacy": True}
     columns.setdefault("morph_class", np.full(n, -1))
     return ShardIndex([path], np.array([n]), columns, channels_last=channels_last, attrs=attrs)
 
 
-def _manifest_shard_paths(root: Path, manifest: dict) -> list[Path]:
-    paths = []
-    for entry in manifest["shards"]:
-        name = entry if isinstance(entry, str) else entry.get("path") or entry.get("file") or entry.get("name")
-        paths.append(root / name)
-    return paths
-
-
 def index_shards(source: str | os.PathLike) -> ShardIndex:
-    """Index a packed folder (via its manifest) or a single legacy/shard HDF5 file."""
+    """Index a packed folder (via its manifest) or a single legacy/shard HDF5 file.
+
+    Each shard's size and row count are checked against the manifest, and every column read is checked by its
+    Fletcher32 checksum (when the shard has them): a mismatch, a missing or unreadable file is a DataError naming
+    it and the fix.
+    """
     source = Path(source)
+    folder = None
     if source.is_file():
-        with h5py.File(source, "r") as handle:
+        with open_shard(source) as handle:
             legacy = _is_legacy(handle)
         if legacy:
             return _index_legacy(source)
-        paths, attrs = [source], {}
+        entries, attrs = [(source, {})], {}
     else:
-        manifest_path = source / MANIFEST_NAME
-        if not manifest_path.is_file():
-            raise FileNotFoundError(
-                f"{source}: no {MANIFEST_NAME}; pack cutouts first with `sslsky pack --catalog CAT --out {source}`"
-            )
-        manifest = json.loads(manifest_path.read_text())
-        paths = _manifest_shard_paths(source, manifest)
-        if not paths:
-            raise ValueError(f"{source}: the manifest lists no shards (was every cutout rejected? see rejected.csv)")
+        if not source.exists():
+            raise MissingDataError(f"{source} does not exist; pack cutouts first with "
+                                   f"`sslsky pack --catalog CAT --out {source}`")
+        folder = source
+        manifest = load_manifest(source)
+        entries = manifest_entries(source, manifest)
+        if not entries:
+            raise DataError(f"{source}: the manifest lists no shards (was every cutout rejected? see rejected.csv)")
         attrs = {k: v for k, v in manifest.items() if k not in ("shards", "config")}
+    paths = [path for path, _ in entries]
     rows, parts = [], {name: [] for name in ITEM_COLUMNS + PER_BAND_COLUMNS}
     vote_parts: list[tuple[list[str], np.ndarray, Path]] = []
-    for path in paths:
+    for path, entry in entries:
         if not path.is_file():
-            raise FileNotFoundError(f"shard {path} in the manifest is missing; re-run `sslsky pack` to rebuild it")
-        with h5py.File(path, "r") as handle:
-            n = handle["images"].shape[0]
-            for name, values in _read_columns(handle, {c: c for c in ITEM_COLUMNS}, n, str(path)).items():
-                parts[name].append(values)
-            for name in PER_BAND_COLUMNS:  # the image's own PSF and noise, (N, C), when the shards carry them
-                if name in handle:
-                    parts[name].append(handle[name][()].astype(np.float32))
-            if VOTES_DATASET in handle:  # (N, A) counts with their catalog column names
-                names = [c.decode() if isinstance(c, bytes) else str(c)
-                         for c in handle[VOTES_DATASET].attrs.get(VOTES_COLUMNS_ATTR, [])]
-                vote_parts.append((names, handle[VOTES_DATASET][()].astype(np.int32), path))
-            if not attrs:
-                attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in handle.attrs.items()}
+            raise MissingDataError(f"shard {path} in the manifest is missing; {repack_hint(folder)}")
+        _check_entry(path, entry, None, folder)
+        with open_shard(path, folder) as handle:
+            try:
+                n = handle["images"].shape[0]
+                _check_entry(path, entry, n, folder)
+                for name, values in _read_columns(handle, {c: c for c in ITEM_COLUMNS}, n, str(path)).items():
+                    parts[name].append(values)
+                for name in PER_BAND_COLUMNS:  # the image's own PSF and noise, (N, C), when the shards carry them
+                    if name in handle:
+                        parts[name].append(handle[name][()].astype(np.float32))
+                if VOTES_DATASET in handle:  # (N, A) counts with their catalog column names
+                    names = [c.decode() if isinstance(c, bytes) else str(c)
+                             for c in handle[VOTES_DATASET].attrs.get(VOTES_COLUMNS_ATTR, [])]
+                    vote_parts.append((names, handle[VOTES_DATASET][()].astype(np.int32), path))
+                if not attrs:
+                    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in handle.attrs.items()}
+            except (OSError, KeyError) as err:  # a checksum mismatch, a truncated file, a missing dataset
+                raise read_error(path, None, err, folder) from None
         rows.append(n)
     columns = {name: np.concatenate(values) for name, values in parts.items() if len(values) == len(paths)}
     vote_columns: list[str] = []
@@ -159,11 +201,12 @@ def index_shards(source: str | os.PathLike) -> ShardIndex:
         matrices = []
         for names, votes, path in vote_parts:
             if sorted(names) != sorted(vote_columns) or len(names) != votes.shape[1]:
-                raise ValueError(f"shard {path} has vote columns {names}, the first shard {vote_columns}; "
-                                 f"re-pack all shards from one catalog")
+                raise DataError(f"shard {path} has vote columns {names}, the first shard {vote_columns}; "
+                                f"re-pack all shards from one catalog")
             matrices.append(votes[:, [names.index(c) for c in vote_columns]])
         columns["votes"] = np.concatenate(matrices)
-    return ShardIndex(paths, np.asarray(rows, dtype=np.int64), columns, attrs=attrs, vote_columns=vote_columns)
+    return ShardIndex(paths, np.asarray(rows, dtype=np.int64), columns, attrs=attrs, vote_columns=vote_columns,
+                      folder=folder)
 
 
 class _ImageReader:
@@ -171,14 +214,26 @@ class _ImageReader:
 
     Skips h5py's high-level slicing (which costs more than the read itself for
     one 5x107x107 image from the page cache): the file and memory dataspaces
-    are made once and each read moves the hyperslab of one row.
+    are made once and each read moves the hyperslab of one row. The read goes
+    through HDF5's filter pipeline, which checks the chunk's Fletcher32
+    checksum when the shard has them; a failed read is a DataError naming the
+    shard and the row, and so is an image that differs from its checksum
+    (``image_sum32``, when the shard has one). The image is read as stored
+    (float16, uint8) for that check, then converted to the output's dtype.
     """
 
-    def __init__(self, path: Path, key: str, channels_last: bool):
-        self.file = h5py.File(path, "r")
-        self.images = self.file[key]  # (N, C, H, W), or (N, H, W, C) when channels_last
+    def __init__(self, path: Path, key: str, channels_last: bool, folder: Path | None = None):
+        self.path, self.folder = path, folder
+        self.file = open_shard(path, folder)
+        try:
+            self.images = self.file[key]  # (N, C, H, W), or (N, H, W, C) when channels_last
+            self.sums = self.file[IMAGE_SUM_DATASET][()] if IMAGE_SUM_DATASET in self.file else None  # (N,) uint32
+        except (OSError, KeyError) as err:
+            self.file.close()
+            raise read_error(path, None, err, folder) from None
         self.channels_last = channels_last
         self.raw_dtype = np.dtype(np.uint8) if self.images.dtype == np.uint8 else np.dtype(np.float32)
+        self.stored_dtype = np.dtype(self.images.dtype)
         self.row_shape = tuple(self.images.shape[1:])
         self.count = (1, *self.row_shape)
         self.file_space = self.images.id.get_space()
@@ -191,8 +246,19 @@ class _ImageReader:
             buffer = np.empty(self.row_shape, dtype=np.float32)
         else:
             buffer = np.empty(self.row_shape, dtype=np.float32) if out is None else out
-        self.file_space.select_hyperslab((row,) + (0,) * len(self.row_shape), self.count)
-        self.images.id.read(self.memory_space, self.file_space, buffer)
+        # Read the bytes as stored, for the checksum, and convert after (exact: float16, uint8 -> float32; numpy
+        # converts uint8 about 2x faster than HDF5 does, benchmarks/bench_loader.py).
+        stored = buffer if buffer.dtype == self.stored_dtype else np.empty(self.row_shape, dtype=self.stored_dtype)
+        try:
+            self.file_space.select_hyperslab((row,) + (0,) * len(self.row_shape), self.count)
+            self.images.id.read(self.memory_space, self.file_space, stored)
+        except (OSError, ValueError) as err:  # ValueError: a row past the end of a shorter (damaged) dataset
+            raise read_error(self.path, row, err, self.folder) from None
+        if self.sums is not None and (row >= len(self.sums) or row_sum32(stored) != int(self.sums[row])):
+            raise read_error(self.path, row, f"the image differs from its checksum in {IMAGE_SUM_DATASET}",
+                             self.folder)
+        if stored is not buffer:
+            buffer[...] = stored
         if self.channels_last:
             image = np.moveaxis(buffer, -1, 0)
             if out is None:
@@ -281,7 +347,7 @@ class ShardDataset(Dataset):
         reader = self._readers.get(shard)
         if reader is None:
             reader = self._readers[shard] = _ImageReader(self.index.paths[shard], self.index.image_key,
-                                                         self.index.channels_last)
+                                                         self.index.channels_last, self.index.folder)
         return reader
 
     def read_image(self, global_index: int) -> np.ndarray:
