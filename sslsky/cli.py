@@ -33,6 +33,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return run_pack(cfg)
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from sslsky.data.verify import run_verify
+
+    return run_verify(args.data)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     from sslsky.train.pretrain import TrainingDivergedError, run_pretrain
@@ -152,10 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_pack)
 
+    p = sub.add_parser("verify", help="check a packed folder fully: manifest, every shard's size and sha256, every "
+                                      "chunk and image checksum, row counts, statistics",
+                       epilog="exit status: 0 all whole, 2 something is damaged (one line per damaged file; re-run "
+                              "`sslsky pack` with the same --catalog and --out to rewrite exactly those shards)")
+    p.add_argument("data", metavar="DATA", help="packed folder (with manifest.json) or one shard file")
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("pretrain", help="self-supervised pretraining (MoCo v2) on packed shards; DDP under "
                                         "torchrun or srun; restarting resumes from run_dir",
                        epilog="exit status: 0 finished or checkpointed on a stop signal (USR2/SIGTERM), "
-                              "2 config error, 4 the loss diverged (NaN/inf)")
+                              "2 config, data or disk-full error, or run_dir in use by another run (a resume that "
+                              "changes a setting that alters the result needs resume.allow_changes=[key,...]), "
+                              "4 the loss diverged (NaN/inf), 130 Ctrl-C (the first one checkpoints at the step "
+                              "reached, the same command resumes; a second one stops at once)")
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
 
@@ -230,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"sslsky {args.command}: data error: {user_message(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside pretraining's own handling (which checkpoints first)
+        print(f"sslsky {args.command}: interrupted (Ctrl-C); run the same command again to redo or continue it",
+              file=sys.stderr)
+        return 130
     except OSError as err:
         if not is_no_space(err):
             raise

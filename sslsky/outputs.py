@@ -25,28 +25,42 @@ def _why(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+def _unusable(folder: Path) -> str:
+    """Why ``folder`` cannot hold our outputs ('' when it can); it is created with its parents if missing."""
+    if folder.exists() and not folder.is_dir():
+        return "it is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return f"cannot write there: {_why(err)}"
+    return ""
+
+
 def output_dir(path: str | os.PathLike, key: str) -> Path:
     """``path`` as a writable folder (created with its parents); ConfigError naming ``key`` otherwise."""
     if not str(path):
         raise ConfigError(f"{key} is empty: name an output folder")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{key}={str(path)!r} is a file, not a folder: choose another {key} or move the file away")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ConfigError(f"{key}={str(path)!r}: cannot write there ({_why(err)}); choose another {key}") from None
+        raise ConfigError(f"{key}={str(path)!r} is a file, not a folder; choose another {key}")
+    why = _unusable(folder)
+    if why:
+        raise ConfigError(f"{key}={str(path)!r}: {why}; choose another {key}")
     return folder
 
 
-def output_file(path: str | os.PathLike, key: str) -> Path:
-    """``path`` as a file to (over)write: not a folder, and its folder writable (created if needed)."""
+def output_file(path: str | os.PathLike, key: str, example: str = "") -> Path:
+    """``path`` as a file to (over)write: not a folder, and its folder writable (created if needed).
+    ``example``: a file name to suggest when ``path`` is a folder."""
     if not str(path):
         raise ConfigError(f"{key} is empty: name an output file")
     target = Path(path)
     if target.is_dir():
-        raise ConfigError(f"{key}={str(path)!r} is a folder: give a file name, e.g. {target / 'embeddings.h5'}")
-    output_dir(target.parent if str(target.parent) else ".", f"the folder of {key}")
+        hint = f", e.g. {target / example}" if example else ""
+        raise ConfigError(f"{key}={str(path)!r} is a folder: give a file name{hint}")
+    why = _unusable(target.parent)
+    if why:
+        raise ConfigError(f"{key}={str(path)!r}: its folder {target.parent} is unusable ({why}); choose another {key}")
     return target

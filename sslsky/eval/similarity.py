@@ -10,12 +10,23 @@ crop + the training normalisation) and writes one HDF5 file:
 
 Under torchrun or srun each rank embeds a contiguous block of the rows into a part file; after all
 ranks report, rank 0 concatenates the parts in rank order into the final file (written to a temporary
-name, then renamed), so the result is the same file as one process gives.
+name, then renamed), so the result is the same file as one process gives. One process writes its part
+and renames it. What must hold for the file:
+
+- ``--out`` is checked (not a folder, its folder writable) before anything is computed, and the free
+  space against the size of the embeddings once the encoder is loaded;
+- nothing at ``--out`` until the whole file is written: an interrupted run leaves only dot-named part
+  or temporary files (``.OUT.part-*``, ``.OUT.tmp*``), which the next run to the same ``--out`` removes;
+- a full disk removes the partial file and ends in :class:`~sslsky.errors.DiskFullError`;
+- non-finite features (NaN/inf pixels, an overflowing encoder) are refused: no file, a
+  :class:`~sslsky.errors.DataError` on every rank listing the object ids and the likely cause.
 
 ``sslsky search`` finds the k nearest neighbours by exact cosine similarity, reading the database in
 chunks of ``chunk_size`` rows and merging a running top-k per query: memory is bounded by
 ``chunk_size x (F + queries)`` floats whatever N is (10M x 512 streams from the HDF5 file), never
-N x N. Ties are broken towards the lower row, so results do not depend on the chunk size. An
+N x N. Ties are broken towards the lower row, so results do not depend on the chunk size. Rows
+whose embeddings hold NaN/inf (a file from an older version, or edited) are never neighbours: they are
+found in the same pass, skipped, and named in a warning; such a row as the query is an error. An
 approximate FAISS HNSW index is an option where the ``faiss`` package is installed (it is not a
 dependency). ``evaluate_retrieval`` measures retrieval quality against the catalog labels: the
 fraction of neighbours that share the query's morphology class and the median |dz|/(1 + z) to the
@@ -27,9 +38,13 @@ neighbours, next to the same figures for random neighbours.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,11 +60,15 @@ from sslsky.data.ids import as_id_array, id_text, is_string_ids, match_query, re
 from sslsky.data.rgb import SURVEY_RGB_BANDS, lupton_rgb
 from sslsky.data.schema import RGB_BANDS
 from sslsky.data.votes import class_names
+from sslsky.errors import DataError, DiskFullError, is_no_space
+from sslsky.outputs import output_file
 from sslsky.train import dist
 
 EMBEDDINGS_FORMAT = "sslsky-embeddings-v1"
 #: Per-row columns stored next to the embeddings (``index``: global row in the shards).
 COLUMNS = ("object_id", "z", "ebv", "morph_class", "index")
+#: Columns search needs (the neighbour table, the evaluation); ``ebv`` and ``index`` may be missing.
+REQUIRED_COLUMNS = ("object_id", "z", "morph_class")
 #: Pixels of one panel of the neighbour grid (width, height), at PANEL_DPI.
 PANEL_DPI = 100
 PANEL_INCHES = (1.8, 2.2)
@@ -93,25 +112,32 @@ def _chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None, query_batch: int = 1024,
-                device: str | torch.device = "cpu", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                device: str | torch.device = "cpu", progress: bool = False,
+                skipped: set[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` inner products of ``queries`` against ``database``, chunk by chunk.
 
     For L2-normalised vectors the inner product is the cosine similarity. The database is read once,
     whatever the number of queries; each chunk is scored against ``query_batch`` queries at a time.
     Memory: ``chunk_size x F`` database floats, ``query_batch x chunk_size`` scores, ``Q x k`` results.
+    Database rows with a NaN or inf are never neighbours (found in the same pass, at no extra read).
 
     Args:
-        queries: ``(Q, F)`` array.
+        queries: ``(Q, F)`` array, finite (a non-finite query is a ValueError).
         database: ``(N, F)`` anything sliceable by rows (NumPy array, ``h5py`` dataset).
         exclude: optional ``(Q,)`` database row to leave out for each query (the query itself).
+        skipped: optional set to which the database rows skipped as non-finite are added.
     Returns:
         ``(scores, rows)``, each ``(Q, k)``: float32 similarities in descending order and the int64
-        database rows; equal scores are ordered by row, whatever the chunk size.
+        database rows; equal scores are ordered by row, whatever the chunk size. An
+        :class:`EmbeddingsError` when fewer than ``k`` finite rows are left for a query.
     """
     queries = torch.as_tensor(np.asarray(queries, dtype=np.float32), device=device)
     n, n_query = int(database.shape[0]), queries.shape[0]
     if chunk_size < 1 or query_batch < 1:
         raise ValueError(f"chunk_size={chunk_size} and query_batch={query_batch} must be >= 1")
+    finite_queries = torch.isfinite(queries).all(1)
+    if not bool(finite_queries.all()):
+        raise ValueError(f"queries {(~finite_queries).nonzero().squeeze(1)[:5].tolist()} hold NaN or inf")
     available = n - (1 if exclude is not None else 0)
     if not 1 <= k <= available:
         raise ValueError(f"k={k} must be in [1, {available}] for a database of {n} rows"
@@ -127,10 +153,18 @@ def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None
         from sslsky.progress import track
 
         starts = track(starts, "search", "chunk")
+    n_skipped = 0
     for start in starts:
         block = torch.from_numpy(np.asarray(database[start:start + chunk_size], dtype=np.float32)).to(device)  # (c, F)
+        bad = (~torch.isfinite(block).all(1)).nonzero().squeeze(1)  # (b,) non-finite rows of the chunk
+        if bad.numel():
+            n_skipped += bad.numel()
+            if skipped is not None:
+                skipped.update((bad + start).tolist())
         for b, batch in enumerate(batches):
             scores = queries[batch] @ block.T  # (q, c)
+            if bad.numel():
+                scores[:, bad] = -math.inf  # never a neighbour, like an excluded row
             if excluded is not None:
                 local = excluded[batch] - start
                 hit = ((local >= 0) & (local < block.shape[0])).nonzero().squeeze(1)
@@ -139,15 +173,20 @@ def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None
             best[b] = _sorted_by_score(torch.cat([best[b][0], values], 1), torch.cat([best[b][1], cols + start], 1), k)
     if not best:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
-    return torch.cat([s for s, _ in best]).cpu().numpy(), torch.cat([r for _, r in best]).cpu().numpy()
+    scores, rows = torch.cat([s for s, _ in best]).cpu().numpy(), torch.cat([r for _, r in best]).cpu().numpy()
+    if n_skipped and np.isneginf(scores[:, -1]).any():  # a skipped (or the excluded) row made the cut
+        raise EmbeddingsError(f"k={k} neighbours asked, but only {available - n_skipped} of the {n} rows are finite"
+                              + (" besides the query" if exclude is not None else "")
+                              + f" ({n_skipped} with NaN/inf skipped); ask for fewer")
+    return scores, rows
 
 
 def topk_faiss(queries, database, k: int, exclude=None, hnsw_m: int = 32, ef_search: int = 128,
-               chunk_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+               chunk_size: int = 65536, skipped: set[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Approximate top-``k`` inner products with a FAISS HNSW index (needs the optional ``faiss`` package).
 
     The index is built in memory (N x F floats plus the graph); same outputs as :func:`topk_cosine`,
-    but neighbours may be missed.
+    but neighbours may be missed. Non-finite rows are left out of the index (and added to ``skipped``).
     """
     try:
         import faiss
@@ -155,16 +194,32 @@ def topk_faiss(queries, database, k: int, exclude=None, hnsw_m: int = 32, ef_sea
         raise EmbeddingsError("index=faiss needs the optional faiss package (pip install faiss-cpu or "
                               "faiss-gpu); index=exact needs nothing") from None
     queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if not np.isfinite(queries).all():
+        raise ValueError("queries hold NaN or inf")
     index = faiss.IndexHNSWFlat(int(database.shape[1]), hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    kept = []  # (M,) database row of each vector in the index (the finite rows)
     for start in range(0, int(database.shape[0]), chunk_size):
-        index.add(np.ascontiguousarray(database[start:start + chunk_size], dtype=np.float32))
-    index.hnsw.efSearch = max(ef_search, k + 1)
+        block = np.ascontiguousarray(database[start:start + chunk_size], dtype=np.float32)
+        finite = np.isfinite(block).all(1)
+        if skipped is not None:
+            skipped.update((np.flatnonzero(~finite) + start).tolist())
+        index.add(np.ascontiguousarray(block[finite]))
+        kept.append(np.flatnonzero(finite) + start)
+    kept = np.concatenate(kept) if kept else np.empty(0, np.int64)
     extra = 1 if exclude is not None else 0
-    scores, rows = index.search(queries, k + extra)
+    if not 1 <= k <= kept.size - extra:
+        raise EmbeddingsError(f"k={k} neighbours asked, but only {kept.size - extra} of the {database.shape[0]} rows "
+                              f"are finite{' besides the query' if extra else ''}; ask for fewer")
+    index.hnsw.efSearch = max(ef_search, k + 1)
+    scores, found = index.search(queries, k + extra)  # (Q, k + extra) positions in the index, -1: none found
+    rows = np.where(found >= 0, kept[np.maximum(found, 0)], -1)
     if exclude is not None:
         keep = rows != np.asarray(exclude)[:, None]
         scores = np.stack([s[m][:k] for s, m in zip(scores, keep)])
         rows = np.stack([r[m][:k] for r, m in zip(rows, keep)])
+    if (rows[:, :k] < 0).any():
+        raise EmbeddingsError(f"the FAISS index found fewer than k={k} neighbours; raise faiss_ef_search or use "
+                              f"index=exact")
     return scores[:, :k].astype(np.float32), rows[:, :k].astype(np.int64)
 
 
@@ -177,29 +232,59 @@ class Embeddings:
     """An embeddings file written by ``sslsky embed``, read-only.
 
     ``vectors`` is the ``(N, F)`` HDF5 dataset, or a NumPy array when it fits in ``cache_mb``;
-    the per-row columns are in memory (``columns[name]``, ``(N,)``).
+    the per-row columns are in memory (``columns[name]``, ``(N,)``). A file without the datasets search
+    needs (:data:`REQUIRED_COLUMNS`, a float ``(N, F)`` ``embeddings``) is an :class:`EmbeddingsError` naming
+    what is missing; ``index`` may be missing (the images for ``--png`` are then found by object_id).
+    Rows with NaN/inf are not looked for here: the search skips them as it reads them.
     """
 
     def __init__(self, path: str | os.PathLike, cache_mb: float = 2048.0):
         self.path = Path(path)
+        remake = f"make it again with `sslsky embed --ckpt ENCODER --data SHARDS --out {self.path}`"
+        if self.path.is_dir():
+            raise EmbeddingsError(f"embeddings file {self.path} is a folder: give the file written by sslsky embed")
         if not self.path.is_file():
             raise EmbeddingsError(f"embeddings file {self.path} does not exist; make it with "
                                   f"`sslsky embed --ckpt ENCODER --data SHARDS --out {self.path}`")
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as err:
-            raise EmbeddingsError(f"embeddings file {self.path} is not readable HDF5: {err}") from None
-        if self.file.attrs.get("format") != EMBEDDINGS_FORMAT or "embeddings" not in self.file:
+            raise EmbeddingsError(f"embeddings file {self.path} is not readable HDF5 ({err}): damaged, cut short or "
+                                  f"another kind of file; {remake}") from None
+        try:
+            self._check(remake)
+            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.file.attrs.items()}
+            self.columns = {name: read_ids(self.file[name]) if name == "object_id" else self.file[name][()]
+                            for name in COLUMNS if name in self.file}
+            dataset = self.file["embeddings"]
+            fits = dataset.size * dataset.dtype.itemsize <= cache_mb * 2**20
+            self.vectors = dataset[()] if fits else dataset  # (N, F)
+        except OSError as err:
             self.file.close()
+            raise EmbeddingsError(f"cannot read {self.path} ({err}): the file is damaged; {remake}") from None
+        except EmbeddingsError:
+            self.file.close()
+            raise
+        self._sorter: np.ndarray | None = None  # (N,) argsort of object_id, made on the first lookup
+
+    def _check(self, remake: str) -> None:
+        """The format attribute, a float (N, F) embeddings dataset and (N,) columns, else EmbeddingsError."""
+        if self.file.attrs.get("format") != EMBEDDINGS_FORMAT or "embeddings" not in self.file:
             raise EmbeddingsError(f"{self.path} is not an sslsky embeddings file (format={EMBEDDINGS_FORMAT}); "
                                   f"make one with `sslsky embed`")
-        self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.file.attrs.items()}
-        self.columns = {name: read_ids(self.file[name]) if name == "object_id" else self.file[name][()]
-                        for name in COLUMNS if name in self.file}
         dataset = self.file["embeddings"]
-        fits = dataset.size * dataset.dtype.itemsize <= cache_mb * 2**20
-        self.vectors = dataset[()] if fits else dataset  # (N, F)
-        self._sorter: np.ndarray | None = None  # (N,) argsort of object_id, made on the first lookup
+        if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 2 or dataset.dtype.kind != "f":
+            shape = f"{dataset.shape} {dataset.dtype}" if isinstance(dataset, h5py.Dataset) else "a group"
+            raise EmbeddingsError(f"{self.path}: 'embeddings' is {shape}, not (N, F) floats; {remake}")
+        n = dataset.shape[0]
+        missing = [name for name in REQUIRED_COLUMNS if name not in self.file]
+        if missing:
+            raise EmbeddingsError(f"{self.path} has no {', '.join(missing)} dataset(s) (written by another tool, "
+                                  f"or edited); {remake}")
+        for name in COLUMNS:
+            if name in self.file and getattr(self.file[name], "shape", None) != (n,):
+                shape = getattr(self.file[name], "shape", "a group")
+                raise EmbeddingsError(f"{self.path}: {name!r} has shape {shape}, the embeddings {n} rows; {remake}")
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
@@ -237,9 +322,86 @@ class Embeddings:
         self.close()
 
 
-def _write_part(path: Path, n: int, dim: int, columns: dict[str, np.ndarray]) -> h5py.File:
-    """An open HDF5 file with the columns written and an ``(n, dim)`` embeddings dataset to fill."""
-    handle = h5py.File(path, "w")
+class _SpaceSink:
+    """The binary file under an ``h5py.File`` being written: a failed write is recorded, not passed to HDF5.
+
+    HDF5 whose write failed (a full disk) can no longer close the file and crashes the interpreter at exit;
+    this sink answers every write as done once one failed, so the file still closes cleanly, and keeps the
+    first error in ``error``: the writer (:func:`_writing`) then removes the file and raises.
+    """
+
+    def __init__(self, path: Path):
+        self.raw = open(path, "w+b", buffering=0)  # noqa: SIM115 (closed by close())
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):  # an unbuffered write may be short
+                    done += self.raw.write(view[done:])
+            except OSError as err:
+                self.error = err
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int | None:
+        if self.error is None:
+            try:
+                return self.raw.truncate(size)
+            except OSError as err:
+                self.error = err
+        return size
+
+    def read(self, size: int = -1) -> bytes:
+        return self.raw.read(size)
+
+    def readinto(self, buffer) -> int:
+        return self.raw.readinto(buffer)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+    def check(self) -> None:
+        """Raise the recorded write error, if any (between batches: stop computing once the disk is full)."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+@contextlib.contextmanager
+def _writing(path: Path, out: Path):
+    """``(handle, sink)``: a new HDF5 file at the temporary ``path`` on its way to ``out``.
+
+    On any error (or Ctrl-C) the file is removed; a full disk ends in :class:`DiskFullError` naming the disk of
+    ``out``. ``sink.check()`` raises a write error as soon as HDF5 has met it.
+    """
+    sink = _SpaceSink(path)
+    try:
+        try:
+            with h5py.File(sink, "w") as handle:
+                yield handle, sink
+        finally:
+            sink.close()
+        sink.check()  # a failure in the last writes, at close
+    except BaseException as err:
+        path.unlink(missing_ok=True)
+        failed = sink.error if sink.error is not None else err
+        if isinstance(failed, OSError) and is_no_space(failed):
+            raise DiskFullError(out.absolute(), "embeddings") from None
+        raise
+
+
+def _layout(handle: h5py.File, n: int, dim: int, columns: dict[str, np.ndarray]) -> None:
+    """The per-row columns of an embeddings (or part) file and its ``(n, dim)`` embeddings dataset, to fill."""
     rows_per_chunk = max(1, min(n, _CHUNK_BYTES // (4 * dim)))
     handle.create_dataset("embeddings", shape=(n, dim), dtype=np.float32,
                           chunks=(rows_per_chunk, dim) if n else None)
@@ -248,7 +410,6 @@ def _write_part(path: Path, n: int, dim: int, columns: dict[str, np.ndarray]) ->
             write_ids(handle, name, values)
         else:
             handle.create_dataset(name, data=values)
-    return handle
 
 
 def merge_parts(parts: list[Path], out: Path, attrs: dict, chunk_rows: int = 65536) -> Path:
@@ -258,15 +419,10 @@ def merge_parts(parts: list[Path], out: Path, attrs: dict, chunk_rows: int = 655
     try:
         n = sum(h["embeddings"].shape[0] for h in handles)
         dim = handles[0]["embeddings"].shape[1]
-        with h5py.File(tmp, "w") as dst:
-            rows_per_chunk = max(1, min(n, _CHUNK_BYTES // (4 * dim)))
-            dst.create_dataset("embeddings", shape=(n, dim), dtype=np.float32,
-                               chunks=(rows_per_chunk, dim) if n else None)
-            for name in COLUMNS:
-                if name == "object_id":
-                    write_ids(dst, name, np.concatenate([read_ids(h[name]) for h in handles]))
-                else:
-                    dst.create_dataset(name, data=np.concatenate([h[name][()] for h in handles]))
+        columns = {name: np.concatenate([read_ids(h[name]) if name == "object_id" else h[name][()]
+                                         for h in handles]) for name in COLUMNS}
+        with _writing(tmp, out) as (dst, sink):
+            _layout(dst, n, dim, columns)
             at = 0
             for h in handles:
                 src = h["embeddings"]
@@ -274,6 +430,7 @@ def merge_parts(parts: list[Path], out: Path, attrs: dict, chunk_rows: int = 655
                     block = src[start:start + chunk_rows]
                     dst["embeddings"][at:at + len(block)] = block
                     at += len(block)
+                    sink.check()
             dst.attrs.update(attrs)
     finally:
         for h in handles:
@@ -298,6 +455,57 @@ def part_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f".{out.name}.part-{rank:05d}-of-{world:05d}.h5")
 
 
+def stale_files(out: Path) -> list[Path]:
+    """Part and temporary files that an interrupted ``sslsky embed --out out`` left next to ``out``."""
+    name = glob.escape(out.name)
+    return sorted({*out.parent.glob(f".{name}.part-*-of-*.h5"), *out.parent.glob(f".{name}.tmp*")})
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove :func:`stale_files` of ``out`` (rank 0, before any rank writes), saying how many."""
+    removed, kept = [], []
+    for path in stale_files(out):
+        try:
+            path.unlink()
+            removed.append(path.name)
+        except OSError as err:
+            kept.append(f"{path.name} ({err.strerror})")
+    if removed:
+        print(f"sslsky embed: removed {len(removed)} stale temporary file(s) of an interrupted embed to {out}: "
+              f"{', '.join(removed[:5])}{' ...' if len(removed) > 5 else ''}", file=sys.stderr, flush=True)
+    if kept:
+        print(f"sslsky embed: warning: could not remove {', '.join(kept)}", file=sys.stderr, flush=True)
+
+
+class _NoRoomError(DiskFullError):
+    """The output cannot fit in the free space of its disk, found before anything is computed."""
+
+    def __init__(self, out: Path, needed: int, free: int):
+        OSError.__init__(self, errno.ENOSPC, (
+            f"the embeddings need at least {_size(needed)} and the disk holding {out.absolute().parent} has "
+            f"{_size(free)} free; nothing was computed or written. Free space there (or point --out elsewhere) "
+            f"and run the command again"))
+        self.path = out
+
+
+def _size(n_bytes: float) -> str:
+    """``n_bytes`` in KiB, MiB or GiB, whichever reads best."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes / 2**10:.0f} KiB"
+
+
+def _check_room(out: Path, needed: int) -> None:
+    """:class:`_NoRoomError` when ``needed`` bytes (a lower bound of what this rank writes) are not free."""
+    try:
+        free = shutil.disk_usage(out.parent).free
+    except OSError:  # a file system that does not say: the write itself will tell
+        return
+    if free < needed:
+        raise _NoRoomError(out, needed, free)
+
+
 def run_embed(cfg: EmbedConfig) -> int:
     """``sslsky embed``: one process, or every rank of a torchrun/srun job."""
     if not cfg.ckpt or not cfg.data:
@@ -308,14 +516,36 @@ def run_embed(cfg: EmbedConfig) -> int:
         raise ConfigError(f"split={cfg.split!r}: choose '', train, val or test")
     if cfg.amp not in ("auto", "bf16", "fp16", "none"):
         raise ConfigError(f"amp={cfg.amp!r}: choose auto, bf16, fp16 or none")
+    _check_device(cfg.device, "device")
+    # a folder, or a folder we cannot write, is refused before any work
+    out = output_file(cfg.out, "out", example="embeddings.h5")
     dist.init_distributed()
     try:
-        return _embed(cfg)
+        return _embed(cfg, out)
     finally:
         dist.cleanup()
 
 
-def _embed(cfg: EmbedConfig) -> int:
+def _check_device(name: str, key: str, allow_auto: bool = True) -> None:
+    """ConfigError for a device torch does not know, or cuda where no GPU is visible."""
+    if name == "auto" and allow_auto:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{key}={name!r}: choose {'auto, ' if allow_auto else ''}cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name!r} but no CUDA GPU is visible here; use {key}=cpu"
+                          + (" or auto" if allow_auto else ""))
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{key}={name!r}: choose {'auto, ' if allow_auto else ''}cpu or cuda")
+
+
+#: Errors a rank may meet that the user fixes (re-raised as they are when every failed rank met the same kind).
+_USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "FileNotFoundError")
+
+
+def _embed(cfg: EmbedConfig, out: Path) -> int:
     from torch.utils.data import DataLoader, Subset
 
     from sslsky.data.shards import ShardDataset
@@ -324,15 +554,20 @@ def _embed(cfg: EmbedConfig) -> int:
     from sslsky.train.pretrain import autocast_dtype, pick_device
 
     rank, world = dist.rank(), dist.world_size()
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(out, rank, world)
+    if rank == 0:
+        _remove_stale(out)
+    dist.barrier()  # no rank writes its part before the stale ones are gone
     error, loop_started = None, time.perf_counter()
+    zero_rows, bad_rows, bad_pixels, bad_ids = 0, 0, 0, []  # bad: non-finite features; ids: the first few
     try:
         device = pick_device(cfg.device, dist.local_rank())
         amp_dtype = autocast_dtype(cfg.amp, device)
-        if not Path(cfg.ckpt).is_file():  # named before the data are looked at
-            raise CheckpointError(f"checkpoint {cfg.ckpt} does not exist")
+        ckpt = Path(cfg.ckpt)
+        if ckpt.is_dir():
+            raise CheckpointError(f"checkpoint {ckpt} is a folder: give the file, e.g. {ckpt / 'encoder.pt'}")
+        if not ckpt.is_file():  # named before the data are looked at
+            raise CheckpointError(f"checkpoint {ckpt} does not exist")
         dataset = ShardDataset(cfg.data, split=cfg.split or None)
         try:
             survey = survey_of_images(dataset.attrs, cfg.survey)
@@ -341,9 +576,19 @@ def _embed(cfg: EmbedConfig) -> int:
         loaded = load_encoder(cfg.ckpt, stem=cfg.stem or None, device=device, survey=survey)
         _check_inputs(dataset, loaded, cfg)
         block = rank_block(len(dataset), rank, world)
+        _check_room(out, 4 * loaded.feature_dim * (len(block) + (len(dataset) if rank == 0 and world > 1 else 0)))
         rows = dataset.indices[block.start:block.stop]  # (n,) global shard rows of this rank
         columns = {name: dataset.index.columns[name][rows] for name in COLUMNS if name != "index"}
         columns["index"] = rows.astype(np.int64)
+        meta = {"format": EMBEDDINGS_FORMAT, "ckpt": str(ckpt.resolve()), "arch": loaded.arch,
+                "stem": loaded.stem, "source": loaded.source, "feature_dim": loaded.feature_dim,
+                "data": str(Path(cfg.data).resolve()), "split": cfg.split or "all",
+                "survey": str(dataset.attrs.get("survey") or loaded.info.get("survey") or cfg.survey or ""),
+                "bands": str(dataset.attrs.get("bands") or ""), "normalized": True, "ranks": world,
+                "label_column": str(dataset.attrs.get("label_column") or "morph_class"),
+                "label_names": json.dumps(dataset.attrs.get("label_names") or {}),
+                "device": device.type, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
+                "config": json.dumps(config_to_dict(cfg))}
         channels_last = cfg.channels_last and device.type == "cuda"
         if channels_last:
             loaded.encoder.to(memory_format=torch.channels_last)
@@ -354,8 +599,9 @@ def _embed(cfg: EmbedConfig) -> int:
             from sslsky.progress import track
 
             batches = track(loader, f"embed (rank 0/{world})", "batch")
-        zero_rows, loop_started = 0, time.perf_counter()
-        with _write_part(part, len(block), loaded.feature_dim, columns) as handle, torch.inference_mode():
+        loop_started = time.perf_counter()
+        with _writing(part, out) as (handle, sink), torch.inference_mode():
+            _layout(handle, len(block), loaded.feature_dim, columns)
             at = 0
             for batch in batches:
                 expected = rows[at:at + len(batch["index"])]
@@ -367,47 +613,55 @@ def _embed(cfg: EmbedConfig) -> int:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     features = loaded.encoder(x)  # (B, F)
                 features = features.float()
-                if not bool(torch.isfinite(features).all()):
-                    bad = columns["object_id"][at:at + len(x)][~torch.isfinite(features).all(1).cpu().numpy()]
-                    raise RuntimeError(f"non-finite features for object_id {bad[:5].tolist()} (check the cutouts "
-                                       f"and the checkpoint {cfg.ckpt})")
+                finite = torch.isfinite(features).all(1)
+                if not bool(finite.all()):  # counted to the end, so that one message lists them all
+                    bad = (~finite).cpu().numpy()
+                    bad_rows += int(bad.sum())
+                    bad_pixels += int((~torch.isfinite(batch["image"]).flatten(1).all(1)).numpy()[bad].sum())
+                    bad_ids += [id_text(i) for i in columns["object_id"][at:at + len(x)][bad][:5 - len(bad_ids)]]
                 zero_rows += int((features.norm(dim=1) == 0).sum())
                 handle["embeddings"][at:at + len(x)] = F.normalize(features, dim=1).cpu().numpy()
                 at += len(x)
+                sink.check()
+            if world == 1:
+                handle.attrs.update(meta)
         if batches is not loader:
             batches.close()
-        meta = {"format": EMBEDDINGS_FORMAT, "ckpt": str(Path(cfg.ckpt).resolve()), "arch": loaded.arch,
-                "stem": loaded.stem, "source": loaded.source, "feature_dim": loaded.feature_dim,
-                "data": str(Path(cfg.data).resolve()), "split": cfg.split or "all",
-                "survey": str(dataset.attrs.get("survey") or loaded.info.get("survey") or cfg.survey or ""),
-                "bands": str(dataset.attrs.get("bands") or ""), "normalized": True, "ranks": world,
-                "label_column": str(dataset.attrs.get("label_column") or "morph_class"),
-                "label_names": json.dumps(dataset.attrs.get("label_names") or {}),
-                "device": device.type, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
-                "config": json.dumps(config_to_dict(cfg))}
+        if bad_rows:  # nothing of a refused run stays on disk
+            part.unlink(missing_ok=True)
     except Exception as err:  # noqa: BLE001 (reported to every rank below, then raised)
-        error = f"rank {rank}: {type(err).__name__}: {err}"
+        kind = "disk" if isinstance(err, OSError) and is_no_space(err) else type(err).__name__
+        error = (kind, f"rank {rank}: {type(err).__name__}: {err}")
         if world == 1:
             part.unlink(missing_ok=True)
             raise
-    reports = dist.all_gather_object((error, zero_rows if error is None else 0))
-    errors = [e for e, _ in reports if e]
+    reports = dist.all_gather_object({"error": error, "zeros": zero_rows, "bad": bad_rows, "pixels": bad_pixels,
+                                      "ids": bad_ids})
+    errors = [r["error"] for r in reports if r["error"]]
     if errors:
         part.unlink(missing_ok=True)
-        raise RuntimeError("failed on " + "; ".join(errors))
+        _raise_rank_errors(errors, out)
+    if any(r["bad"] for r in reports):  # the same message on every rank
+        part.unlink(missing_ok=True)
+        raise DataError(_nonfinite_message(reports, len(dataset), cfg, out, meta["amp"]))
     merge_error = None
     if rank == 0:
         try:
-            merge_parts([part_path(out, r, world) for r in range(world)], out, meta)
+            if world == 1:
+                os.replace(part, out)
+            else:
+                merge_parts([part_path(out, r, world) for r in range(world)], out, meta)
         except Exception as err:  # noqa: BLE001 (every rank learns of it below)
             if world == 1:
                 raise
-            merge_error = f"rank 0 merging the parts into {out}: {type(err).__name__}: {err}"
+            kind = "disk" if isinstance(err, OSError) and is_no_space(err) else type(err).__name__
+            merge_error = (kind, f"rank 0 merging the parts into {out}: {type(err).__name__}: {err}")
     merge_error = dist.all_gather_object(merge_error)[0]  # the file exists when any rank returns
     if merge_error:
-        raise RuntimeError(f"failed on {merge_error}")
+        part.unlink(missing_ok=True)  # a full disk is not left full of parts
+        _raise_rank_errors([merge_error], out)
     if rank == 0:
-        zeros = sum(z for _, z in reports)
+        zeros = sum(r["zeros"] for r in reports)
         seconds = time.perf_counter() - loop_started
         n = len(dataset)
         if zeros:
@@ -417,6 +671,45 @@ def _embed(cfg: EmbedConfig) -> int:
               f"{world} rank(s), {device.type}, amp {meta['amp']}: {seconds:.1f} s, {n / seconds:.1f} images/s "
               f"-> {out}", flush=True)
     return 0
+
+
+def _raise_rank_errors(errors: list[tuple[str, str]], out: Path) -> None:
+    """Raise, on every rank, what the ranks that failed met: ``(kind, message)`` each.
+
+    A full disk anywhere is a :class:`DiskFullError`; when every failed rank met the same user error (a config,
+    checkpoint or data error) that error, with every rank's message; else a RuntimeError (exit status 1).
+    """
+    from sslsky.eval.encoders import CheckpointError
+
+    kinds = {kind for kind, _ in errors}
+    if "disk" in kinds:
+        raise DiskFullError(out.absolute(), "embeddings")
+    text = "failed on " + "; ".join(message for _, message in errors)
+    user = {"ConfigError": ConfigError, "DataError": DataError, "CheckpointError": CheckpointError,
+            "FileNotFoundError": FileNotFoundError}
+    if len(kinds) == 1 and (kind := kinds.pop()) in user:
+        raise user[kind](text)
+    raise RuntimeError(text)
+
+
+def _nonfinite_message(reports: list[dict], n: int, cfg: EmbedConfig, out: Path, amp: str) -> str:
+    """Which rows gave non-finite features, and the likely cause: NaN/inf pixels, or the encoder itself."""
+    count, pixels = sum(r["bad"] for r in reports), sum(r["pixels"] for r in reports)
+    ids = [i for r in reports for i in r["ids"]][:5]
+    listed = ", ".join(ids) + (f" and {count - len(ids)} more" if count > len(ids) else "")
+    text = (f"the encoder gave non-finite features (NaN/inf) for {count} of {n} rows, object_id {listed}; "
+            f"nothing was written to {out}. ")
+    if pixels == count:
+        return text + (f"Likely cause: their cutouts in {cfg.data} hold NaN/inf pixels, which sslsky pack fills, "
+                       f"so the shards were changed after packing: pack them again from the catalog, or leave these "
+                       f"galaxies out")
+    encoder = (f"every row failed, so the checkpoint {cfg.ckpt} probably holds NaN weights (a diverged run: take an "
+               f"earlier checkpoint)" if count == n else
+               f"try amp=none (amp was {amp}), or check the checkpoint {cfg.ckpt}")
+    if pixels == 0:
+        return text + f"Their pixels are finite, so the encoder itself overflowed: {encoder}"
+    return text + (f"{pixels} of them have NaN/inf pixels in {cfg.data} (pack the shards again from the catalog); "
+                   f"the other {count - pixels} have finite pixels: {encoder}")
 
 
 def _check_inputs(dataset, loaded, cfg: EmbedConfig) -> None:
@@ -467,12 +760,15 @@ def chance_class_agreement(morph_class: np.ndarray) -> float:
 
 
 def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, query_batch: int = 256,
-                       max_queries: int = 0, seed: int = 0, device: str = "cpu", progress: bool = False) -> dict:
+                       max_queries: int = 0, seed: int = 0, device: str = "cpu", progress: bool = False,
+                       skipped: set[int] | None = None) -> dict:
     """Retrieval quality with every labelled galaxy (class or redshift) as a query, itself excluded.
 
     The neighbours come from the exact chunked search; the chance baseline gives each query ``k``
     rows drawn uniformly from the other N - 1 (with replacement). ``max_queries`` > 0 uses a seeded
-    random sample of the labelled queries.
+    random sample of the labelled queries. Rows with NaN/inf embeddings are neither queries, neighbours
+    nor random neighbours (nor in the chance figure); they are added to ``skipped`` and counted in the
+    result (``skipped_rows``, ``skipped_object_ids``: the first 20).
     """
     morph_class, z = emb.columns["morph_class"], emb.columns["z"]
     queries = np.flatnonzero((morph_class >= 0) | np.isfinite(z))
@@ -483,6 +779,8 @@ def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, qu
         queries = np.sort(rng.choice(queries, max_queries, replace=False))
     neighbours = np.empty((queries.size, k), dtype=np.int64)
     similarity = np.empty((queries.size, k), dtype=np.float32)
+    valid = np.ones(queries.size, dtype=bool)  # False: the query's own embedding is not finite
+    skipped = set() if skipped is None else skipped
     block = max(query_batch, _QUERY_BLOCK_BYTES // (4 * emb.feature_dim))  # queries per pass over the database
     starts = range(0, queries.size, block)
     if progress:
@@ -492,11 +790,25 @@ def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, qu
     for start in starts:
         q = queries[start:start + block]  # increasing rows
         contiguous = q[-1] - q[0] + 1 == q.size
-        vectors = emb.vectors[q[0]:q[-1] + 1] if contiguous else emb.vectors[q]  # (q, F)
-        similarity[start:start + q.size], neighbours[start:start + q.size] = topk_cosine(
-            vectors, emb.vectors, k, chunk_size, exclude=q, query_batch=query_batch, device=device)
-    random_rows = rng.integers(0, len(emb) - 1, size=(queries.size, k))
-    random_rows += random_rows >= queries[:, None]  # skip the query itself
+        vectors = np.asarray(emb.vectors[q[0]:q[-1] + 1] if contiguous else emb.vectors[q])  # (q, F)
+        ok = np.isfinite(vectors).all(1)
+        valid[start:start + q.size] = ok
+        skipped.update(q[~ok].tolist())
+        if not ok.any():
+            continue
+        at = start + np.flatnonzero(ok)
+        try:
+            similarity[at], neighbours[at] = topk_cosine(vectors[ok], emb.vectors, k, chunk_size, exclude=q[ok],
+                                                         query_batch=query_batch, device=device, skipped=skipped)
+        except EmbeddingsError as err:
+            raise EmbeddingsError(f"{emb.path}: {err}") from None
+    queries, neighbours, similarity = queries[valid], neighbours[valid], similarity[valid]
+    if queries.size == 0:
+        raise EmbeddingsError(f"{emb.path}: no labelled row has a finite embedding to evaluate with")
+    finite = np.setdiff1d(np.arange(len(emb)), np.fromiter(skipped, np.int64, len(skipped)))  # (M,) increasing
+    random_rows = rng.integers(0, finite.size - 1, size=(queries.size, k))
+    random_rows += random_rows >= np.searchsorted(finite, queries)[:, None]  # skip the query itself
+    random_rows = finite[random_rows]
     found = retrieval_metrics(queries, neighbours, morph_class, z)
     per_class = {}
     for c in np.unique(morph_class[queries]):
@@ -504,10 +816,13 @@ def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, qu
             sel = morph_class[queries] == c
             name = _class_name(int(c), emb.attrs)
             per_class[name] = retrieval_metrics(queries[sel], neighbours[sel], morph_class, z)["class_agreement"]
+    skipped_rows = np.sort(np.fromiter(skipped, np.int64, len(skipped)))
     return {"k": k, "queries": int(queries.size), "rows": len(emb), "neighbours": found,
             "random": retrieval_metrics(queries, random_rows, morph_class, z),
-            "chance_class_agreement": chance_class_agreement(morph_class),
-            "class_agreement_per_class": per_class, "mean_similarity": float(similarity.mean())}
+            "chance_class_agreement": chance_class_agreement(morph_class[finite]),
+            "class_agreement_per_class": per_class, "mean_similarity": float(similarity.mean()),
+            "skipped_rows": int(skipped_rows.size),
+            "skipped_object_ids": [id_text(i) for i in emb.columns["object_id"][skipped_rows[:20]]]}
 
 
 # ---------------------------------------------------------------------------
@@ -570,16 +885,54 @@ def _device(name: str) -> str:
     return name
 
 
-def search(emb: Embeddings, object_id: int | str, cfg: SearchConfig) -> tuple[np.ndarray, np.ndarray, int]:
-    """(scores (k,), rows (k,), query row) of the ``cfg.k`` nearest neighbours of ``object_id``."""
+def search(emb: Embeddings, object_id: int | str, cfg: SearchConfig,
+           skipped: set[int] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(scores (k,), rows (k,), query row) of the ``cfg.k`` nearest neighbours of ``object_id``.
+
+    A query whose embedding holds NaN/inf is an :class:`EmbeddingsError`; such database rows are skipped
+    (added to ``skipped``).
+    """
     row = emb.rows_of([object_id])
     query = np.asarray(emb.vectors[int(row[0]):int(row[0]) + 1], dtype=np.float32)  # (1, F)
-    if cfg.index == "faiss":
-        scores, rows = topk_faiss(query, emb.vectors, cfg.k, exclude=row, hnsw_m=cfg.faiss_m,
-                                  ef_search=cfg.faiss_ef_search, chunk_size=cfg.chunk_size)
-    else:
-        scores, rows = topk_cosine(query, emb.vectors, cfg.k, cfg.chunk_size, exclude=row, device=_device(cfg.device))
+    if not np.isfinite(query).all():
+        raise EmbeddingsError(f"object_id {object_id} (row {int(row[0])}) has a non-finite embedding (NaN/inf) in "
+                              f"{emb.path}, so it has no neighbours; the file was written by an older sslsky embed or "
+                              f"changed since: embed the shards again (sslsky embed now refuses such rows and says "
+                              f"why)")
+    try:
+        if cfg.index == "faiss":
+            scores, rows = topk_faiss(query, emb.vectors, cfg.k, exclude=row, hnsw_m=cfg.faiss_m,
+                                      ef_search=cfg.faiss_ef_search, chunk_size=cfg.chunk_size, skipped=skipped)
+        else:
+            scores, rows = topk_cosine(query, emb.vectors, cfg.k, cfg.chunk_size, exclude=row,
+                                       device=_device(cfg.device), skipped=skipped)
+    except EmbeddingsError as err:
+        raise EmbeddingsError(f"{emb.path}: {err}") from None
     return scores[0], rows[0], int(row[0])
+
+
+def _warn_skipped(emb: Embeddings, skipped: set[int]) -> None:
+    """Say how many rows (and which object ids) a search skipped for NaN/inf embeddings."""
+    if not skipped:
+        return
+    rows = np.sort(np.fromiter(skipped, np.int64, len(skipped)))
+    ids = ", ".join(id_text(i) for i in emb.columns["object_id"][rows[:5]])
+    more = f" and {rows.size - 5} more" if rows.size > 5 else ""
+    print(f"sslsky search: warning: skipped {rows.size} of {len(emb)} rows of {emb.path} whose embeddings hold "
+          f"NaN/inf (object_id {ids}{more}): they are never neighbours. The file was written by an older sslsky "
+          f"embed or changed since; embed the shards again to search them", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _reading(emb: Embeddings):
+    """A read error of the (streamed) embeddings becomes an :class:`EmbeddingsError` naming the file."""
+    try:
+        yield
+    except OSError as err:
+        if is_no_space(err):
+            raise
+        raise EmbeddingsError(f"cannot read {emb.path} ({err}): the file is damaged; make it again with "
+                              f"`sslsky embed`") from None
 
 
 def _images(emb: Embeddings, rows: list[int], data: str) -> tuple[list[np.ndarray], str, str]:
@@ -593,8 +946,9 @@ def _images(emb: Embeddings, rows: list[int], data: str) -> tuple[list[np.ndarra
     ids = dataset.index.columns["object_id"]
     images = []
     by_id = None
+    index = emb.columns.get("index")  # absent in hand-made files: found by object_id below
     for r in rows:
-        oid, g = emb.columns["object_id"][r].item(), int(emb.columns["index"][r])
+        oid, g = emb.columns["object_id"][r].item(), int(index[r]) if index is not None else -1
         if not (0 <= g < len(ids) and ids[g].item() == oid):  # other shards than were embedded: find by id
             if by_id is None:
                 by_id = {v: i for i, v in enumerate(ids.tolist())}
@@ -620,19 +974,31 @@ def run_search(cfg: SearchConfig) -> int:
         raise ConfigError(f"k={cfg.k}, chunk_size={cfg.chunk_size} and query_batch={cfg.query_batch} must be >= 1")
     if cfg.index not in ("exact", "faiss"):
         raise ConfigError(f"index={cfg.index!r}: choose exact (chunked, default) or faiss (optional package)")
+    _check_device(cfg.device, "device")
+    for key, example in (("png", "grid.png"), ("eval_json", "retrieval.json")):  # refused before the search
+        path = getattr(cfg, key)
+        if path and Path(path).is_dir():
+            raise ConfigError(f"{key}={path!r} is a folder: give a file name, e.g. {Path(path) / example}")
+        if path:
+            output_file(path, key)
     with Embeddings(cfg.embeddings, cfg.cache_mb) as emb:
         if cfg.k > len(emb) - 1:
             raise ConfigError(f"k={cfg.k} but {emb.path} holds {len(emb)} rows ({len(emb) - 1} neighbours at most)")
-        if cfg.query is not None:
-            _print_neighbours(emb, cfg)
-        if cfg.evaluate:
-            _print_evaluation(emb, cfg)
+        skipped: set[int] = set()  # rows with NaN/inf embeddings, found by the searches
+        try:
+            if cfg.query is not None:
+                _print_neighbours(emb, cfg, skipped)
+            if cfg.evaluate:
+                _print_evaluation(emb, cfg, skipped)
+        finally:
+            _warn_skipped(emb, skipped)
     return 0
 
 
-def _print_neighbours(emb: Embeddings, cfg: SearchConfig) -> None:
+def _print_neighbours(emb: Embeddings, cfg: SearchConfig, skipped: set[int]) -> None:
     started = time.perf_counter()
-    scores, rows, qrow = search(emb, cfg.query, cfg)
+    with _reading(emb):
+        scores, rows, qrow = search(emb, cfg.query, cfg, skipped)
     seconds = time.perf_counter() - started
     cols = emb.columns
     query_class = _class_name(int(cols["morph_class"][qrow]), emb.attrs)
@@ -663,14 +1029,17 @@ def _print_neighbours(emb: Embeddings, cfg: SearchConfig) -> None:
     print(summary, flush=True)
 
 
-def _print_evaluation(emb: Embeddings, cfg: SearchConfig) -> None:
+def _print_evaluation(emb: Embeddings, cfg: SearchConfig, skipped: set[int]) -> None:
     started = time.perf_counter()
-    result = evaluate_retrieval(emb, cfg.k, cfg.chunk_size, cfg.query_batch, cfg.eval_queries, cfg.seed,
-                                _device(cfg.device), progress=cfg.progress)
+    with _reading(emb):
+        result = evaluate_retrieval(emb, cfg.k, cfg.chunk_size, cfg.query_batch, cfg.eval_queries, cfg.seed,
+                                    _device(cfg.device), progress=cfg.progress, skipped=skipped)
     result["seconds"] = time.perf_counter() - started
     result["embeddings"] = str(emb.path)
     n, r = result["neighbours"], result["random"]
-    print(f"retrieval quality, k={cfg.k}, {result['queries']} queries among {result['rows']} embeddings:")
+    skipped_note = f", {result['skipped_rows']} with NaN/inf skipped" if result["skipped_rows"] else ""
+    print(f"retrieval quality, k={cfg.k}, {result['queries']} queries among {result['rows']} embeddings"
+          f"{skipped_note}:")
     print(f"  {'':22}{'class agreement':>16}  {'median |dz|/(1+z)':>18}")
     print(f"  {'nearest neighbours':22}{n['class_agreement']:16.3f}  {n['median_dz']:18.4f}")
     print(f"  {'random neighbours':22}{r['class_agreement']:16.3f}  {r['median_dz']:18.4f}")
@@ -681,7 +1050,13 @@ def _print_evaluation(emb: Embeddings, cfg: SearchConfig) -> None:
         path = Path(cfg.eval_json)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2))
+        try:
+            tmp.write_text(json.dumps(result, indent=2))
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if is_no_space(err):
+                raise DiskFullError(path, "the evaluation") from None
+            raise
         os.replace(tmp, path)
     print(f"sslsky search: evaluated {result['queries']} queries in {result['seconds']:.2f} s"
           + (f" -> {cfg.eval_json}" if cfg.eval_json else ""), flush=True)
