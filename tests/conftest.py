@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -212,3 +213,20 @@ def spawn_gloo(worker, folder: Path, world: int = 2) -> list:
 
     mp.spawn(worker, args=(world, str(folder / "init"), str(folder)), nprocs=world, join=True)
     return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    """A real tmpfs (``mount -t tmpfs -o OPTIONS``, e.g. ``size=200m`` or ``ro,size=64k``) on ``folder``, unmounted
+    after: the small full disks and read-only file systems of the fault tests. Skips where mounting is not
+    permitted (needs root / CAP_SYS_ADMIN)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)

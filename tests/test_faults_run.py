@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_pretrain_args
+from conftest import REPO, tiny_pretrain_args, tmpfs
 from test_pretrain import assert_same_tree, free_port
 
 from sslsky.cli import main
@@ -325,17 +325,8 @@ def test_ctrl_c_and_kills_then_resume_end_bit_identical(reference, packed_mock, 
 @pytest.fixture
 def small_disk(tmp_path):
     """A 200 MiB tmpfs: room for one tiny-run checkpoint (~140 MB), not two."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {proc.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "size=200m") as mount:
         yield mount
-    finally:
-        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_a_full_disk_is_a_message_and_keeps_the_older_checkpoint(packed_mock, small_disk, capsys):

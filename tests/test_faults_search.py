@@ -17,7 +17,6 @@ these checks) over 30 packed 16 x 16 cutouts, so the whole file runs in well und
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_survey, pack_args
+from conftest import REPO, make_survey, pack_args, tmpfs
 
 from sslsky.cli import main
 from sslsky.config import AugmentConfig, config_to_dict
@@ -303,20 +302,6 @@ def assert_same_file(got: dict, reference: dict) -> None:
             np.testing.assert_array_equal(got[name], reference[name], err_msg=name)
     assert got["attrs"].keys() == reference["attrs"].keys()
     assert all(np.all(got["attrs"][key] == reference["attrs"][key]) for key in got["attrs"])
-
-
-@contextlib.contextmanager
-def tmpfs(folder: Path, options: str):
-    """A tmpfs mounted on ``folder`` (unmounted after); skips where mounting is not permitted."""
-    folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): {proc.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
 
 
 def test_full_disk_names_the_disk_and_leaves_no_partial_file(tiny, tmp_path, capsys):

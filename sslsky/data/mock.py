@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from sslsky.config import ConfigError, MockConfig, write_config
+from sslsky.config import ConfigError, MockConfig, check_values, write_config
 from sslsky.data.fits_io import write_cutout
 from sslsky.data.mock_sed import TEMPLATES, Z_GRID, kcorrection
 from sslsky.data.rgb import frame_pixels, galaxy_zoo_rgb
@@ -602,24 +602,13 @@ def check_config(cfg: MockConfig) -> Survey:
         survey = get_survey(cfg.survey)
     except ValueError as err:
         raise ConfigError(f"survey: {err}") from None
-    problems = []
-    if cfg.n < 1:
-        problems.append(f"n={cfg.n}: need at least one galaxy")
-    if not 0.0 < cfg.z_min < cfg.z_max <= Z_GRID[-1]:
-        problems.append(f"z_min={cfg.z_min}, z_max={cfg.z_max}: need 0 < z_min < z_max <= {Z_GRID[-1]}")
-    for key in ("specz_fraction", "unlabelled_fraction"):
-        if not 0.0 <= getattr(cfg, key) <= 1.0:
-            problems.append(f"{key}={getattr(cfg, key)}: must lie in [0, 1]")
-    if cfg.seeing_scatter < 0:
-        problems.append(f"seeing_scatter={cfg.seeing_scatter}: must be >= 0")
-    if cfg.volunteers_mean <= 0:
-        problems.append(f"volunteers_mean={cfg.volunteers_mean}: must be > 0")
+    problems = check_values(cfg)  # the ranges of MockConfig (sslsky.config), for a config built in code too
+    if cfg.z_max > Z_GRID[-1]:
+        problems.append(f"z_max={cfg.z_max}: the SED grid reaches z={Z_GRID[-1]}; choose z_max <= {Z_GRID[-1]}")
     if not cfg.out:
         problems.append("out: give an output folder (--out DIR)")
     if cfg.format not in FORMATS:
         problems.append(f"format={cfg.format!r}: must be one of {', '.join(FORMATS)}")
-    if cfg.image_size < 1:
-        problems.append(f"image_size={cfg.image_size}: must be >= 1 (pixels)")
     if problems:
         raise ConfigError("; ".join(problems))
     return survey

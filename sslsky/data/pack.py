@@ -65,7 +65,7 @@ from pathlib import Path
 import numpy as np
 
 import sslsky
-from sslsky.config import ConfigError, PackConfig, config_to_dict, write_config
+from sslsky.config import ConfigError, PackConfig, check_values, config_to_dict, write_config
 from sslsky.data.catalog import Catalog, read_catalog
 from sslsky.data.fits_io import CutoutError, check_cutout, check_float16, read_cutout, read_legacy_image
 from sslsky.data.ids import write_ids
@@ -73,7 +73,6 @@ from sslsky.data.resample import noise_factor, pixel_scale_after, resample_flux,
 from sslsky.data.schema import (
     BAND_PLACEHOLDER,
     CATALOG_ROW_COLUMN,
-    IMAGE_DTYPES,
     IMAGE_SUM_DATASET,
     IMAGES_DATASET,
     MANIFEST_NAME,
@@ -153,17 +152,12 @@ def check_config(cfg: PackConfig) -> None:
         raise ConfigError("no catalog given; pass --catalog CAT (FITS, CSV, ECSV or ssl-sky-surveys HDF5)")
     if not cfg.out:
         raise ConfigError("no output folder given; pass --out DIR")
-    if cfg.dtype not in IMAGE_DTYPES:
-        raise ConfigError(f"dtype={cfg.dtype!r} is not supported; choose one of {', '.join(IMAGE_DTYPES)}")
-    if cfg.shard_size < 1:
-        raise ConfigError(f"shard_size={cfg.shard_size} must be at least 1")
+    problems = check_values(cfg)  # dtype, shard_size, ...: the ranges of PackConfig, for a config built in code too
+    if problems:
+        raise ConfigError("; ".join(problems))
     if cfg.image_size < 0 or 0 < cfg.image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"image_size={cfg.image_size} must be 0 (keep the cutouts' size) or at least "
                           f"{MIN_IMAGE_SIZE}")
-    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
-        raise ConfigError(f"max_bad_fraction={cfg.max_bad_fraction} must lie in [0, 1]")
-    if cfg.stats_sample < 0:
-        raise ConfigError(f"stats_sample={cfg.stats_sample} must be 0 or positive")
     if cfg.survey:
         try:
             get_survey(cfg.survey)

@@ -40,9 +40,6 @@ SHARD_COLUMNS = {
 SHARD_PATTERN = "shard-{rank:03d}-{index:05d}.h5"
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.csv"
-#: Stored image dtypes; "auto" is uint8 for 8-bit colour images (decoded to float on the training device)
-#: and float32 for fluxes.
-IMAGE_DTYPES = ("auto", "float32", "float16", "uint8")
 
 #: Names in the layout of the original ssl-sky-surveys HDF5 files (Hayat et al. 2021).
 LEGACY_LAYOUT = {
