@@ -2,8 +2,47 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F  # noqa: N812
+
+
+def _world() -> int:
+    """Ranks in the default process group; 1 without torch.distributed or an initialised group."""
+    return torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward hands each rank its slice of the gradient summed over ranks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (world * B, ...)
+        parts = [torch.empty_like(x) for _ in range(torch_dist.get_world_size())]
+        torch_dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # (world * B, ...) -> (B, ...)
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place: not autograd's buffer
+        torch_dist.all_reduce(grad, op=torch_dist.ReduceOp.SUM)
+        return grad.chunk(torch_dist.get_world_size(), dim=0)[torch_dist.get_rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along dim 0 in rank order, differentiable: ``(B, ...)`` -> ``(world * B, ...)``.
+
+    The backward sums the gradient of the gathered tensor over ranks and returns this rank's slice
+    ``[rank * B, (rank + 1) * B)``: so each rank's ``x`` receives the gradient of *every* rank's loss
+    with respect to it, and DDP's gradient averaging then gives the gradient of the mean of the ranks'
+    losses, as one process with the combined batch would. Built on ``all_gather`` and ``all_reduce``
+    alone, which every backend has (gloo and NCCL alike).
+
+    ``x`` must have the same shape on every rank, and every rank must run the backward (it is a
+    collective). Without an initialised process group, or with one rank, returns ``x`` itself.
+    """
+    return _GatherWithGrad.apply(x) if _world() > 1 else x
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
@@ -41,6 +80,59 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
         loss = F.cross_entropy(logits, labels)
         top1 = (logits.argmax(dim=1) == 0).float().mean()
     return loss, top1
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1,
+            gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """SimCLR's NT-Xent (Chen et al. 2020): each of the 2B embeddings against its other view (the positive)
+    and the other 2B - 2 embeddings (the negatives).
+
+    With ``z = normalize([z1; z2])`` ``(2B, D)``, ``s_ij = z_i . z_j / T`` and ``p(i)`` the other view of ``i``::
+
+        loss = mean_i [ -s_i,p(i) + log sum_{j != i} exp(s_ij) ]
+
+    i.e. cross-entropy over 2B - 1 candidates, the anchor itself excluded (its logit masked to -inf).
+
+    Under ``torch.distributed`` (initialised, world > 1, ``gather=True``) the candidates are the
+    embeddings of every rank, gathered with :func:`gather_with_grad`: this rank's 2B anchors against all
+    2 * world * B. The returned loss and top1 are then this rank's share (means over its own anchors);
+    their mean over ranks, and the DDP-averaged gradients, equal one process's on the combined batch.
+    Every rank must pass the same B.
+
+    Args:
+        z1: ``(B, D)`` projections of view 1, any norm (L2-normalised here); B >= 1.
+        z2: ``(B, D)`` projections of view 2; row i is the positive of row i of ``z1``.
+        temperature: T > 0, finite (0.1 as in Wei et al. 2022).
+        gather: gather the candidates across ranks when a process group is up; no effect without one.
+
+    Returns:
+        ``(loss, top1)``: scalar mean cross-entropy and the fraction of anchors whose positive has the
+        highest logit (ties count for the positive), both 0-dim tensors.
+
+    Computed in float32 (float64 inputs stay float64) with autocast off, whatever the input dtypes.
+    """
+    if z1.dim() != 2 or z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must both be (B, D); got z1 {tuple(z1.shape)} and z2 {tuple(z2.shape)}")
+    if z1.shape[0] == 0 or z1.shape[1] == 0:
+        raise ValueError(f"z1 and z2 must have B >= 1 rows and D >= 1 columns; got {tuple(z1.shape)}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    batch = z1.shape[0]
+    dtype = torch.promote_types(torch.promote_types(z1.dtype, z2.dtype), torch.float32)
+    with torch.autocast(z1.device.type, enabled=False):
+        z = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)  # (2B, D): the anchors
+        world = _world() if gather else 1
+        candidates = gather_with_grad(z) if world > 1 else z  # (world * 2B, D), rank r's block at r * 2B
+        offset = torch_dist.get_rank() * 2 * batch if world > 1 else 0
+        logits = z @ candidates.T / temperature  # (2B, world * 2B)
+        anchors = torch.arange(2 * batch, device=z.device)
+        itself = torch.zeros_like(logits, dtype=torch.bool)
+        itself[anchors, offset + anchors] = True
+        logits = logits.masked_fill(itself, float("-inf"))  # the anchor itself is no candidate
+        labels = offset + (anchors + batch) % (2 * batch)  # the other view
+        loss = F.cross_entropy(logits, labels)
+        top1 = (logits[anchors, labels] >= logits.max(dim=1).values).to(dtype).mean()
+    return loss, top1.detach()
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
