@@ -401,6 +401,15 @@ class KnnConfig:
 
 
 @dataclasses.dataclass
+class ClusterConfig:
+    """k-means of frozen, L2-normalised test features scored against the classes (morphology protocol ``cluster``:
+    NMI, ARI, Hungarian cluster accuracy; :mod:`sslsky.eval.clustering`)."""
+
+    k: int = checked(0, ">= 0")  # clusters; 0: the number of classes
+    n_init: int = checked(10, ">= 1")  # k-means++ restarts (the lowest inertia is kept)
+
+
+@dataclasses.dataclass
 class SupervisedEvalConfig:
     """Fields shared by ``eval-specz`` and ``eval-morph`` (``sslsky.train.finetune``)."""
 
@@ -447,6 +456,7 @@ class EvalMorphConfig(SupervisedEvalConfig):
     # trees (Dirichlet-multinomial; rows with at least one vote)
     target: str = "class"
     knn: KnnConfig = dataclasses.field(default_factory=KnnConfig)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)  # protocol=cluster
     votes: VotesConfig = dataclasses.field(default_factory=VotesConfig)  # target=votes: the trees (weight unused)
 
 

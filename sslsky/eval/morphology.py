@@ -12,6 +12,12 @@
   **plain majority vote** (ties go to the class with the larger summed similarity); with ``knn.weighted=true``
   each neighbour votes with weight exp(cos / 0.07) instead (Wu et al. 2018). The kNN "probabilities" saved
   are the vote shares. Rows with ``morph_class`` = -1 (unknown) are never used.
+  ``cluster`` trains nothing and uses no label to form its partition: k-means (``cluster.k`` clusters, default
+  the number of classes) on the frozen, L2-normalised features of the test galaxies, scored against their
+  classes by NMI, ARI and the Hungarian-matched cluster accuracy (:mod:`sslsky.eval.clustering`; the metrics of
+  Wei et al. 2022). ``metrics.json`` then holds ``nmi``, ``ari``, ``cluster_accuracy``, ``n_clusters``,
+  ``cluster`` (k, n_init, inertia) and the same baseline of a random partition, instead of the accuracy keys;
+  ``predictions.h5`` holds ``object_id``, ``true_class`` and ``cluster``.
 - ``votes``: Galaxy-Zoo vote fractions of the decision trees of ``cfg.votes.campaigns`` (declared as in
   pretraining; default the GZ2-like tree of the mock), as regression of the counts (Walmsley et al. 2022).
   Rows = galaxies with at least one vote in those columns (the train rows thinned by ``label_fraction`` in
@@ -70,6 +76,7 @@ from torch import Tensor
 
 from sslsky.config import ConfigError, EvalMorphConfig, config_to_dict, write_config
 from sslsky.data.votes import MORPH_CLASSES, VoteSchema, class_names
+from sslsky.eval.clustering import cluster_metrics, kmeans_clusters
 from sslsky.eval.metrics import classification_metrics, small_test_warnings
 from sslsky.eval.photoz import write_predictions
 from sslsky.losses import dirichlet_multinomial_nll
@@ -96,7 +103,7 @@ from sslsky.train.finetune import (
     write_json,
 )
 
-MORPH_PROTOCOLS = (*PROTOCOLS, "knn")
+MORPH_PROTOCOLS = (*PROTOCOLS, "knn", "cluster")
 MORPH_TARGETS = ("class", "votes")
 #: The most-voted answer of a question is scored on galaxies with at least this many votes on it.
 MOST_VOTED_MIN_VOTES = 3
@@ -185,6 +192,50 @@ def _knn(cfg: EvalMorphConfig, n_classes: int) -> dict:
     return {"splits": splits, "backbone": backbone, "pred": pred, "probs": probs, "object_id": test["object_id"],
             "true": test["morph_class"].astype(np.int64), "history": [], "best_epoch": 0, "epochs_run": 0,
             "train_time_s": elapsed}
+
+
+def _run_cluster(cfg: EvalMorphConfig, names: list[str], out: Path) -> dict:
+    """Protocol ``cluster``: k-means of the frozen test features, scored against the test classes."""
+    if cfg.target != "class":
+        raise ConfigError("protocol=cluster scores clusters against classes: use target=class")
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.amp, device)
+    splits = open_splits(cfg, "morph_class")
+    backbone = build_backbone(cfg, splits.attrs, device)
+    k = cfg.cluster.k or len(names)
+    if len(splits.test) < k:
+        raise ConfigError(f"protocol=cluster with k={k} needs at least {k} labelled test galaxies; "
+                          f"{cfg.data.path} has {len(splits.test)}: set cluster.k lower or use more data")
+    write_config(cfg, output_dir(cfg.out, "out") / "config.yaml")
+    t0 = time.perf_counter()
+    test = extract_features(backbone.encoder, backbone.transform, splits.test, cfg, device, amp)
+    true = test["morph_class"].astype(np.int64)
+    clusters, inertia = kmeans_clusters(test["features"], k, cfg.seed, cfg.cluster.n_init)
+    scores = cluster_metrics(true, clusters)
+    chance = cluster_metrics(true, np.random.default_rng(cfg.seed).integers(0, k, len(true)))
+    elapsed = time.perf_counter() - t0
+    warnings = small_test_warnings(len(true))
+    write_predictions(out / "predictions.h5", {"object_id": test["object_id"], "true_class": true,
+                                               "cluster": clusters},
+                      {"protocol": cfg.protocol, "ckpt": cfg.ckpt, "seed": cfg.seed, "classes": names})
+    result = {
+        "task": "morph", "target": "class", "protocol": "cluster", "label_fraction": cfg.label_fraction,
+        "seed": cfg.seed, "n_train_labels": 0, "n_val": len(splits.val), "n_test": len(true),
+        "ckpt": cfg.ckpt, "ckpt_sha256": checkpoint_sha256(cfg.ckpt) if cfg.ckpt else None, **scores,
+        "classes": names, "cluster": {"k": k, "n_init": cfg.cluster.n_init, "inertia": inertia,
+                                      "features": "L2-normalised, test split"},
+        "random_partition_baseline": {key: chance[key] for key in ("nmi", "ari", "cluster_accuracy")},
+        "arch": backbone.arch, "stem": backbone.stem, "encoder_source": backbone.source, "best_epoch": 0,
+        "epochs_run": 0, "train_time_s": elapsed, "prior_only": None, "warnings": warnings, "history": [],
+        "plots": [], "config": config_to_dict(cfg),
+    }
+    write_json(result, out / METRICS_FILE)
+    print(f"eval-morph: cluster (k-means, k={k}) | {backbone.arch} ({backbone.source}) | {len(true)} test "
+          f"galaxies: NMI {scores['nmi']:.3f}, ARI {scores['ari']:.3f}, cluster accuracy "
+          f"{scores['cluster_accuracy']:.3f} (random partition: NMI {chance['nmi']:.3f}, ARI {chance['ari']:.3f}) "
+          f"| {elapsed:.1f} s -> {out}", flush=True)
+    print_warnings("eval-morph", warnings)
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -395,6 +446,8 @@ def run_morph(cfg: EvalMorphConfig) -> dict:
     names = class_names(int(labels.max()) if len(labels) else len(MORPH_CLASSES) - 1, probe.attrs)
     n_classes = len(names)
 
+    if cfg.protocol == "cluster":
+        return _run_cluster(cfg, names, out)
     if cfg.protocol == "knn":
         r = _knn(cfg, n_classes)
     else:

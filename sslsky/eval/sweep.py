@@ -1,7 +1,8 @@
 """``sslsky sweep``: label-fraction studies as submitit job arrays, then one CSV and label-efficiency plots.
 
 The grid is task (specz; morph: classes; votes: vote fractions) x protocol (linear, finetune, scratch; knn
-for morph and votes) x label fraction x seed. Each cell is one call of :func:`sslsky.eval.photoz.run_specz`
+for morph and votes; cluster, k-means NMI / ARI, for morph, once per seed as it uses no label) x label
+fraction x seed. Each cell is one call of :func:`sslsky.eval.photoz.run_specz`
 or :func:`sslsky.eval.morphology.run_morph` (``target=class`` for morph, ``target=votes`` for votes, both from
 ``morph_config``) with the task's base config plus the cell's overrides, writing
 ``OUT/<task>/<protocol>/frac<f>/seed<s>/metrics.json``. A cell is done when its ``metrics.json`` was made
@@ -47,8 +48,10 @@ TASKS = {
 }
 #: Overrides that make a task what it is (applied after ``SweepConfig.overrides``).
 TASK_OVERRIDES = {"morph": ("target=class",), "votes": ("target=votes",)}
-PROTOCOLS = {"specz": ("linear", "finetune", "scratch"), "morph": ("linear", "finetune", "scratch", "knn"),
+PROTOCOLS = {"specz": ("linear", "finetune", "scratch"), "morph": ("linear", "finetune", "scratch", "knn", "cluster"),
              "votes": ("linear", "finetune", "scratch", "knn")}
+#: Protocols that use no train label: one cell per seed (at the largest label fraction), not one per fraction.
+LABEL_FREE = ("cluster",)
 #: Metric drawn in the label-efficiency plot of each task, and whether lower is better.
 HEADLINE = {"specz": ("sigma_mad", True), "morph": ("accuracy", False), "votes": ("vote_mae", True)}
 METRICS_NAME = "metrics.json"
@@ -81,9 +84,11 @@ def cells(cfg: SweepConfig) -> list[Cell]:
     for task, protocol, fraction, seed in itertools.product(cfg.tasks, cfg.protocols, cfg.label_fractions,
                                                             cfg.seeds):
         if protocol not in PROTOCOLS[task]:
-            if protocol == "knn":
-                continue  # kNN is a morphology protocol; photo-z skips it
+            if protocol in ("knn", "cluster"):
+                continue  # morphology protocols (cluster: classes only); the other tasks skip them
             raise ConfigError(f"protocol {protocol!r} for task {task}: choose from {', '.join(PROTOCOLS[task])}")
+        if protocol in LABEL_FREE and fraction != max(cfg.label_fractions):
+            continue
         out.append(Cell(task, protocol, float(fraction), int(seed)))
     if not out:
         raise ConfigError("the sweep grid is empty: check tasks, protocols, label_fractions and seeds")
