@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import yaml
 
 from sslsky.errors import ConfigError  # defined with the other user errors; imported from here by most code
+from sslsky.outputs import write_text_atomic
 
 T = TypeVar("T")
 
@@ -268,8 +269,8 @@ class OptimConfig:
     reference_batch: int = checked(256, ">= 1")
     momentum: float = checked(0.9, "in [0, 1)")
     weight_decay: float = checked(1e-4, ">= 0")
-    total_steps: int = checked(200_000, ">= 1")
-    warmup_steps: int = checked(2_000, ">= 0")
+    total_steps: int = checked(200_000, "in [1, 1e12]")
+    warmup_steps: int = checked(2_000, ">= 0")  # linear warm-up (pretrain warns when it outlasts total_steps)
 
 
 def _default_vote_questions() -> list[VoteQuestionConfig]:
@@ -652,8 +653,16 @@ def _set_dotted(tree: dict, dotted: str, value: Any, schema: type) -> None:
             return
         tp = typing.get_type_hints(tp)[part] if valid is not None else Any
         node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+        if not isinstance(node, dict) or (valid is not None and not _is_mapping_type(tp)):
+            here = ".".join(parts[: i + 1])
+            rest = ".".join(parts[i + 1:])
+            hint = f"; did you mean {rest}=...?" if rest in valid else ""
+            raise ConfigError(f"override {dotted!r}: {here} is a single value here, not a section with keys{hint}")
+
+
+def _is_mapping_type(tp: Any) -> bool:
+    """Whether a field of annotation ``tp`` holds keys an override can reach into (a section or a dict)."""
+    return dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict or tp is dict or tp is Any
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -677,10 +686,14 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None, override
     tree: dict = {}
     if path:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a folder: name the YAML file in it")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not a text (UTF-8) file; is it the YAML config?") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
@@ -720,9 +733,4 @@ def config_to_dict(cfg: Any) -> dict:
 
 def write_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically (temp name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config")

@@ -1,18 +1,26 @@
-"""Where a command writes: checked before any work starts, so a bad ``--out`` is a message, not a traceback
-after an hour of computing.
+"""Where a command writes, and how: checked before any work starts, so a bad ``--out`` is a message, not a
+traceback after an hour of computing; and written atomically, so a file under its own name is always whole.
 
     out = output_dir(cfg.out, "out")            # a folder that exists (made if needed) and is writable
     path = output_file(cfg.out, "out")           # a file path whose folder is writable; not an existing folder
+    with atomic_output(out / "metrics.json", "metrics") as tmp:   # write tmp; renamed into place on success
+        tmp.write_text(text)
+    write_text_atomic(out / "config.yaml", text, "config")
+
+A write that fails removes its temporary file; one that runs out of space ends in
+:class:`~sslsky.errors.DiskFullError` naming the disk (exit status 2 on the command line).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from sslsky.errors import ConfigError
+from sslsky.errors import ConfigError, DiskFullError, is_no_space
 
 
 def _why(err: OSError) -> str:
@@ -64,3 +72,34 @@ def output_file(path: str | os.PathLike, key: str, example: str = "") -> Path:
     if why:
         raise ConfigError(f"{key}={str(path)!r}: its folder {target.parent} is unusable ({why}); choose another {key}")
     return target
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """The temporary name a write of ``path`` goes to first: hidden, in the same folder (same file system, so the
+    rename is atomic), marked with the writer's pid so that a later start can tell its own leftovers."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, what: str = "file") -> Iterator[Path]:
+    """Yield the temporary path to write ``path`` through; on success it is renamed to ``path``. On any failure
+    the temporary file is removed; a failure for lack of space is a :class:`DiskFullError` naming the disk."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if is_no_space(err) and not isinstance(err, DiskFullError):
+            raise DiskFullError(path, what) from None
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, what: str = "file") -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_output`)."""
+    with atomic_output(path, what) as tmp:
+        tmp.write_text(text)
+    return Path(path)

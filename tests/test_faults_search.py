@@ -132,7 +132,7 @@ def test_nonfinite_rows_are_never_neighbours_and_are_named(tiny, tmp_path, capsy
     # One more neighbour than there are finite rows: refused, not filled with a skipped row.
     assert main(["search", "--embeddings", str(path), "--query", str(ids[0]), "--k", str(k + 1)]) == 2
     err = capsys.readouterr().err
-    assert f"only {k} of the {N} rows are finite besides the query" in err and "ask for fewer" in err
+    assert f"only {k} of the {N} rows are usable besides the query" in err and "ask for fewer" in err
     # The library call: same rows, whatever the chunk size, and the skipped rows reported.
     for chunk_size in (1, 5, 30):
         skipped: set[int] = set()
@@ -176,6 +176,29 @@ def test_nonfinite_query_is_an_error(tiny, tmp_path, capsys):
         captured = capsys.readouterr()
         assert f"object_id {ids[row]} (row {row}) has a non-finite embedding" in captured.err
         assert neighbour_table(captured.out) == ([], [])
+
+
+def test_rows_that_are_not_unit_vectors_are_skipped_and_a_zero_query_refused(tiny, tmp_path, capsys):
+    """A file that says its rows are normalised, with one row x 100 (its inner products would beat every cosine)
+    and one zero row: both are skipped like NaN rows, and either as the query is an error."""
+    path = tmp_path / "scaled.h5"
+    shutil.copy(tiny["emb"], path)
+    with h5py.File(path, "a") as handle:
+        assert handle.attrs["normalized"]
+        handle["embeddings"][11] = handle["embeddings"][11] * 100
+        handle["embeddings"][9] = np.zeros(handle["embeddings"].shape[1], np.float32)
+        vectors, ids = handle["embeddings"][()], handle["object_id"][()]
+    reference = vectors.copy()
+    reference[[9, 11]] = np.nan  # the reference treats them as unusable
+    for query_row in (0, 17):
+        assert main(["search", "--embeddings", str(path), "--query", str(ids[query_row]), "--k", "5"]) == 0
+        captured = capsys.readouterr()
+        found, cosines = neighbour_table(captured.out)
+        assert found == ids[brute_force(reference, query_row, 5)[0]].tolist()
+        assert max(cosines) <= 1.0 + 1e-5 and "or are not unit vectors" in captured.err
+    for row, words in ((9, "an embedding of norm 0, not a unit vector"), (11, "not a unit vector")):
+        assert main(["search", "--embeddings", str(path), "--query", str(ids[row])]) == 2
+        assert words in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------

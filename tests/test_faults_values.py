@@ -19,7 +19,7 @@ from conftest import REPO
 
 from sslsky.cli import main
 from sslsky.config import SCHEMAS, ConfigError, EvalSpeczConfig, check_values, checked, load_config
-from sslsky.eval.metrics import MIN_TEST_GALAXIES, small_test_warnings
+from sslsky.eval.metrics import MIN_TEST_GALAXIES, MIN_TRAIN_GALAXIES, small_test_warnings, small_train_warnings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -213,3 +213,30 @@ def test_a_tiny_test_split_is_flagged_in_the_output_and_the_sweep(packed_mock, t
     with open(sweep / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 and all("fewer than 20" in row["warnings"] for row in rows)
+
+
+def test_config_files_and_overrides_that_are_not_what_they_seem(tmp_path, capsys):
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(bytes(range(256)) * 2)
+    cases = [
+        (["pretrain", "--config", str(binary)], "is not a text (UTF-8) file"),
+        (["pretrain", "--config", str(tmp_path)], "is a folder: name the YAML file"),
+        (["embed", "--ckpt", "e.pt", "--data", "d", "--out", str(tmp_path / "e.h5"), "data.num_workers=0"],
+         "did you mean num_workers=...?"),
+        (["pretrain", "--config", str(REPO / "config" / "pretrain_tiny.yaml"), "optim.base_lr.x=1"],
+         "optim.base_lr is a single value here"),
+        (["pretrain", "--config", str(REPO / "config" / "pretrain_tiny.yaml"),
+          "optim.total_steps=99999999999999999999999"], "must be in [1, 1e12]"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (argv, err)
+
+
+def test_small_train_warnings_threshold_and_unlearnable_classes():
+    assert small_train_warnings(MIN_TRAIN_GALAXIES) == []
+    assert "fewer than 20" in small_train_warnings(MIN_TRAIN_GALAXIES - 1)[0]
+    assert small_train_warnings(50, [0, 1, 2], [0, 1]) == []
+    (text,) = small_train_warnings(50, [0, 1], [0, 1, 2], ["round", "disk", "bar"])
+    assert "1 class(es) of the test split have no labelled train galaxy (bar)" in text

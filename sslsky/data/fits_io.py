@@ -18,6 +18,7 @@ from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS
 
 from sslsky.data.schema import BAND_PLACEHOLDER, RGB_BANDS, RGB_SUFFIXES
+from sslsky.outputs import atomic_output
 
 BUNIT = "nanomaggy"
 
@@ -48,9 +49,8 @@ def write_cutout(path: str | os.PathLike, cube: np.ndarray, bands, pixel_scale: 
     if cube.ndim != 3 or cube.shape[0] != len(bands):
         raise ValueError(f"{path}: cube of shape {cube.shape} does not match {len(bands)} bands")
     header = cutout_header(bands, pixel_scale, ra, dec, cube.shape[1:], survey)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fits.PrimaryHDU(data=cube, header=header).writeto(tmp, overwrite=True)
-    os.replace(tmp, path)
+    with atomic_output(path, "cutout") as tmp:
+        fits.PrimaryHDU(data=cube, header=header).writeto(tmp, overwrite=True)
     return path
 
 

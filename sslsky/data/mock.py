@@ -39,7 +39,6 @@ the north) a major axis at PA points at ``PA + 90`` degrees counter-clockwise fr
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping
 from functools import cache
@@ -62,7 +61,7 @@ from sslsky.data.votes import (
     true_answers,
     vote_columns,
 )
-from sslsky.outputs import output_dir
+from sslsky.outputs import atomic_output, output_dir
 from sslsky.parallel import get_comm, split_evenly
 from sslsky.surveys import (
     ABS_MAG_R_RANGE,
@@ -582,13 +581,12 @@ def _write_rgb(path: Path, rgb: np.ndarray, fmt: str) -> None:
     """8-bit RGB PNG / JPEG, atomically (temp name in the same folder, then rename)."""
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     image = Image.fromarray(rgb, mode="RGB")
-    if fmt == "jpeg":
-        image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
-    else:
-        image.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    os.replace(tmp, path)
+    with atomic_output(path, "image") as tmp:
+        if fmt == "jpeg":
+            image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
+        else:
+            image.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 # ---------------------------------------------------------------------------
@@ -662,14 +660,13 @@ def run_mock(cfg: MockConfig) -> int:
     comm.barrier()
 
     if rank == 0:
-        tmp = out / f".catalog.fits.tmp{os.getpid()}"
         table.meta["SURVEY"] = survey.name
         table.meta["SEED"] = cfg.seed
         if rgb:
             table.meta["FORMAT"] = cfg.format
             table.meta["IMSIZE"] = cfg.image_size
-        table.write(tmp, format="fits", overwrite=True)
-        os.replace(tmp, out / "catalog.fits")
+        with atomic_output(out / "catalog.fits", "catalog") as tmp:
+            table.write(tmp, format="fits", overwrite=True)
         write_config(cfg, out / "config.yaml")
         done = sum(n for n, _ in timings)
         busy = sum(t for _, t in timings)

@@ -16,8 +16,9 @@ predicted). Macro-F1 averages the per-class F1 over the classes present in the t
 predictions (as scikit-learn does without ``labels=``); a class with no true members has recall
 ``None`` (JSON null), not 0.
 
-Too small to mean anything (:func:`small_test_warnings`): a test split of fewer than
-:data:`MIN_TEST_GALAXIES` labelled galaxies, or a class of the labelled train rows with no test galaxy.
+Too small to mean anything (:func:`small_test_warnings`, :func:`small_train_warnings`): a test split of fewer
+than :data:`MIN_TEST_GALAXIES` labelled galaxies, or a class of the labelled train rows with no test galaxy;
+fewer than :data:`MIN_TRAIN_GALAXIES` labelled train galaxies, or a test class with none.
 The evaluations print these warnings and list them in ``metrics.json`` (``warnings``); the sweep's
 ``results.csv`` carries them in its ``warnings`` column.
 
@@ -34,6 +35,8 @@ MAD_TO_SIGMA = 1.4826
 OUTLIER_THRESHOLD = 0.05
 #: A test split with fewer labelled galaxies than this gives metrics that are noise: flagged, never silent.
 MIN_TEST_GALAXIES = 20
+#: Fewer labelled train galaxies than this (label_fraction too small for the data): flagged, never silent.
+MIN_TRAIN_GALAXIES = 20
 
 
 def small_test_warnings(n_test: int, train_labels=None, test_labels=None, class_names=None) -> list[str]:
@@ -53,6 +56,25 @@ def small_test_warnings(n_test: int, train_labels=None, test_labels=None, class_
             names = [str(class_names[c]) if class_names is not None else str(c) for c in missing]
             out.append(f"{len(missing)} class(es) of the labelled train rows have no test galaxy ({', '.join(names)}): "
                        f"their recall and F1 are not measured and macro-F1 leaves them out")
+    return out
+
+
+def small_train_warnings(n_train: int, train_labels=None, test_labels=None, class_names=None) -> list[str]:
+    """Why the labelled train rows are too few to learn from; [] when they are not.
+
+    ``n_train``: labelled train galaxies used. Classification: a class of the test split with no labelled train
+    galaxy is named (no protocol can predict it).
+    """
+    out = []
+    if n_train < MIN_TRAIN_GALAXIES:
+        out.append(f"only {n_train} labelled train galaxies (fewer than {MIN_TRAIN_GALAXIES}): raise label_fraction "
+                   f"or label more galaxies; this is not a label-efficiency result")
+    if train_labels is not None and test_labels is not None:
+        missing = sorted(set(np.asarray(test_labels).tolist()) - set(np.asarray(train_labels).tolist()))
+        if missing:
+            names = [str(class_names[c]) if class_names is not None else str(c) for c in missing]
+            out.append(f"{len(missing)} class(es) of the test split have no labelled train galaxy "
+                       f"({', '.join(names)}): they cannot be predicted")
     return out
 
 

@@ -77,7 +77,7 @@ from torch import Tensor
 from sslsky.config import ConfigError, EvalMorphConfig, config_to_dict, write_config
 from sslsky.data.votes import MORPH_CLASSES, VoteSchema, class_names
 from sslsky.eval.clustering import cluster_metrics, kmeans_clusters
-from sslsky.eval.metrics import classification_metrics, small_test_warnings
+from sslsky.eval.metrics import classification_metrics, small_test_warnings, small_train_warnings
 from sslsky.eval.photoz import write_predictions
 from sslsky.losses import dirichlet_multinomial_nll
 from sslsky.models.byol import CONCENTRATION_MIN, CONCENTRATION_RANGE
@@ -414,7 +414,7 @@ def _run_votes(cfg: EvalMorphConfig, schema: VoteSchema, out: Path) -> dict:
         "prior_only": r.get("prior_only"),
         "history": r["history"], "plots": [str(p) for p in plots], "config": config_to_dict(cfg),
     }
-    result["warnings"] = small_test_warnings(len(counts))
+    result["warnings"] = small_test_warnings(len(counts)) + small_train_warnings(n_train)
     nll = f", NLL {metrics['vote_nll']:.3f}" if metrics["vote_nll"] is not None else ""
     print(f"eval-morph: votes {cfg.protocol} with {n_train} labels on {len(counts)} test galaxies: vote MAE "
           f"{metrics['vote_mae']:.4f}{nll} (train-mean baseline {base['vote_mae']:.4f}) -> {out}", flush=True)
@@ -467,6 +467,10 @@ def run_morph(cfg: EvalMorphConfig) -> dict:
     majority = int(np.bincount(train_classes, minlength=n_classes).argmax())
     base = classification_metrics(r["true"], np.full(len(r["true"]), majority), n_classes, names)
     warnings = small_test_warnings(len(r["true"]), train_classes, r["true"], names)
+    warnings += small_train_warnings(len(train_classes), train_classes, r["true"], names)
+    if cfg.protocol == "knn" and cfg.knn.k > len(train_classes):
+        warnings.append(f"knn.k={cfg.knn.k} but only {len(train_classes)} labelled train galaxies: each test galaxy "
+                        f"votes over all of them (k={len(train_classes)})")
 
     write_predictions(out / "predictions.h5", {
         "object_id": r["object_id"], "true_class": r["true"], "pred_class": r["pred"].astype(np.int64),

@@ -36,7 +36,6 @@ Contract (the label-fraction sweep relies on it):
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import h5py
@@ -53,8 +52,9 @@ from sslsky.eval.metrics import (
     redshift_bin_edges,
     redshift_to_bin,
     small_test_warnings,
+    small_train_warnings,
 )
-from sslsky.outputs import output_dir
+from sslsky.outputs import atomic_output, output_dir
 from sslsky.train.finetune import (
     METRICS_FILE,
     Task,
@@ -74,9 +74,7 @@ POINT_ESTIMATES = ("mean", "median", "mode")
 
 def write_predictions(path: Path, columns: dict[str, np.ndarray], attrs: dict) -> Path:
     """Write per-object columns to HDF5 atomically (temp name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with h5py.File(tmp, "w") as handle:
+    with atomic_output(path, "predictions") as tmp, h5py.File(tmp, "w") as handle:
         for name, values in columns.items():
             if name == "object_id":  # int64, or UTF-8 text ids kept exactly
                 write_ids(handle, name, as_id_array(values))
@@ -84,7 +82,6 @@ def write_predictions(path: Path, columns: dict[str, np.ndarray], attrs: dict) -
                 handle.create_dataset(name, data=values)
         for key, value in attrs.items():
             handle.attrs[key] = value
-    os.replace(tmp, path)
     return path
 
 
@@ -111,7 +108,7 @@ def run_specz(cfg: EvalSpeczConfig) -> dict:
     by_estimate = {name: photoz_metrics(estimates[name], z_spec, pdf, edges) for name in POINT_ESTIMATES}
     train_z = run.splits.train.index.columns["z"][run.splits.train.indices]
     baseline = photoz_metrics(np.full(len(z_spec), np.median(train_z)), z_spec)
-    warnings = small_test_warnings(len(z_spec))
+    warnings = small_test_warnings(len(z_spec)) + small_train_warnings(len(train_z))
     outside = int(np.sum((train_z < cfg.z_min) | (train_z >= cfg.z_max)))
     if outside:
         print(f"eval-specz: {outside} train redshifts outside [{cfg.z_min}, {cfg.z_max}) trained the edge bins",

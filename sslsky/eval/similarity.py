@@ -25,8 +25,9 @@ and renames it. What must hold for the file:
 chunks of ``chunk_size`` rows and merging a running top-k per query: memory is bounded by
 ``chunk_size x (F + queries)`` floats whatever N is (10M x 512 streams from the HDF5 file), never
 N x N. Ties are broken towards the lower row, so results do not depend on the chunk size. Rows
-whose embeddings hold NaN/inf (a file from an older version, or edited) are never neighbours: they are
-found in the same pass, skipped, and named in a warning; such a row as the query is an error. An
+whose embeddings hold NaN/inf, or that are not unit vectors although the file says they are (a zero row, a
+file from an older version, or edited; :data:`UNIT_NORM_TOLERANCE`), are never neighbours: they are found in
+the same pass, skipped, and named in a warning; such a row as the query is an error. An
 approximate FAISS HNSW index is an option where the ``faiss`` package is installed (it is not a
 dependency). ``evaluate_retrieval`` measures retrieval quality against the catalog labels: the
 fraction of neighbours that share the query's morphology class and the median |dz|/(1 + z) to the
@@ -61,7 +62,7 @@ from sslsky.data.rgb import SURVEY_RGB_BANDS, lupton_rgb
 from sslsky.data.schema import RGB_BANDS
 from sslsky.data.votes import class_names
 from sslsky.errors import DataError, DiskFullError, is_no_space
-from sslsky.outputs import output_file
+from sslsky.outputs import output_file, write_text_atomic
 from sslsky.train import dist
 
 EMBEDDINGS_FORMAT = "sslsky-embeddings-v1"
@@ -110,22 +111,44 @@ def _chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return values, cols
 
 
+#: The rows of an embeddings file are L2-normalised (attribute ``normalized``); a row whose norm is further from 1
+#: than this (a zero row, an edited file) is skipped like a non-finite one, since its inner products are no cosines.
+UNIT_NORM_TOLERANCE = 1e-2
+
+
+def usable_rows(vectors, unit_norm: bool = False):
+    """(N,) bool of the rows of ``vectors`` (N, F), NumPy or torch, that can be searched: finite, and with
+    ``unit_norm`` of norm 1 within :data:`UNIT_NORM_TOLERANCE`."""
+    if isinstance(vectors, torch.Tensor):
+        ok = torch.isfinite(vectors).all(1)
+        return ok & ((vectors.norm(dim=1) - 1).abs() <= UNIT_NORM_TOLERANCE) if unit_norm else ok
+    vectors = np.asarray(vectors)
+    ok = np.isfinite(vectors).all(1)
+    if unit_norm:
+        with np.errstate(invalid="ignore", over="ignore"):
+            ok &= np.abs(np.linalg.norm(vectors.astype(np.float64), axis=1) - 1) <= UNIT_NORM_TOLERANCE
+    return ok
+
+
 @torch.no_grad()
 def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None, query_batch: int = 1024,
                 device: str | torch.device = "cpu", progress: bool = False,
-                skipped: set[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                skipped: set[int] | None = None, unit_norm: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` inner products of ``queries`` against ``database``, chunk by chunk.
 
     For L2-normalised vectors the inner product is the cosine similarity. The database is read once,
     whatever the number of queries; each chunk is scored against ``query_batch`` queries at a time.
     Memory: ``chunk_size x F`` database floats, ``query_batch x chunk_size`` scores, ``Q x k`` results.
-    Database rows with a NaN or inf are never neighbours (found in the same pass, at no extra read).
+    Database rows with a NaN or inf (and with ``unit_norm``, rows that are not unit vectors: :func:`usable_rows`)
+    are never neighbours (found in the same pass, at no extra read).
 
     Args:
         queries: ``(Q, F)`` array, finite (a non-finite query is a ValueError).
         database: ``(N, F)`` anything sliceable by rows (NumPy array, ``h5py`` dataset).
         exclude: optional ``(Q,)`` database row to leave out for each query (the query itself).
-        skipped: optional set to which the database rows skipped as non-finite are added.
+        skipped: optional set to which the database rows skipped as unusable are added.
+        unit_norm: the rows are meant to be L2-normalised (an embeddings file): others are skipped, and such a
+            query is a ValueError.
     Returns:
         ``(scores, rows)``, each ``(Q, k)``: float32 similarities in descending order and the int64
         database rows; equal scores are ordered by row, whatever the chunk size. An
@@ -135,9 +158,10 @@ def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None
     n, n_query = int(database.shape[0]), queries.shape[0]
     if chunk_size < 1 or query_batch < 1:
         raise ValueError(f"chunk_size={chunk_size} and query_batch={query_batch} must be >= 1")
-    finite_queries = torch.isfinite(queries).all(1)
+    finite_queries = usable_rows(queries, unit_norm)
     if not bool(finite_queries.all()):
-        raise ValueError(f"queries {(~finite_queries).nonzero().squeeze(1)[:5].tolist()} hold NaN or inf")
+        raise ValueError(f"queries {(~finite_queries).nonzero().squeeze(1)[:5].tolist()} hold NaN or inf"
+                         + (" or are not unit vectors" if unit_norm else ""))
     available = n - (1 if exclude is not None else 0)
     if not 1 <= k <= available:
         raise ValueError(f"k={k} must be in [1, {available}] for a database of {n} rows"
@@ -156,7 +180,7 @@ def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None
     n_skipped = 0
     for start in starts:
         block = torch.from_numpy(np.asarray(database[start:start + chunk_size], dtype=np.float32)).to(device)  # (c, F)
-        bad = (~torch.isfinite(block).all(1)).nonzero().squeeze(1)  # (b,) non-finite rows of the chunk
+        bad = (~usable_rows(block, unit_norm)).nonzero().squeeze(1)  # (b,) unusable rows of the chunk
         if bad.numel():
             n_skipped += bad.numel()
             if skipped is not None:
@@ -175,9 +199,10 @@ def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
     scores, rows = torch.cat([s for s, _ in best]).cpu().numpy(), torch.cat([r for _, r in best]).cpu().numpy()
     if n_skipped and np.isneginf(scores[:, -1]).any():  # a skipped (or the excluded) row made the cut
-        raise EmbeddingsError(f"k={k} neighbours asked, but only {available - n_skipped} of the {n} rows are finite"
+        raise EmbeddingsError(f"k={k} neighbours asked, but only {available - n_skipped} of the {n} rows are usable"
                               + (" besides the query" if exclude is not None else "")
-                              + f" ({n_skipped} with NaN/inf skipped); ask for fewer")
+                              + f" ({n_skipped} with NaN/inf{' or not of unit norm' if unit_norm else ''} skipped); "
+                                f"ask for fewer")
     return scores, rows
 
 
@@ -259,6 +284,7 @@ class Embeddings:
             dataset = self.file["embeddings"]
             fits = dataset.size * dataset.dtype.itemsize <= cache_mb * 2**20
             self.vectors = dataset[()] if fits else dataset  # (N, F)
+            self.normalized = bool(self.attrs.get("normalized", False))  # rows meant to be unit vectors
         except OSError as err:
             self.file.close()
             raise EmbeddingsError(f"cannot read {self.path} ({err}): the file is damaged; {remake}") from None
@@ -791,7 +817,7 @@ def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, qu
         q = queries[start:start + block]  # increasing rows
         contiguous = q[-1] - q[0] + 1 == q.size
         vectors = np.asarray(emb.vectors[q[0]:q[-1] + 1] if contiguous else emb.vectors[q])  # (q, F)
-        ok = np.isfinite(vectors).all(1)
+        ok = usable_rows(vectors, emb.normalized)
         valid[start:start + q.size] = ok
         skipped.update(q[~ok].tolist())
         if not ok.any():
@@ -799,7 +825,8 @@ def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, qu
         at = start + np.flatnonzero(ok)
         try:
             similarity[at], neighbours[at] = topk_cosine(vectors[ok], emb.vectors, k, chunk_size, exclude=q[ok],
-                                                         query_batch=query_batch, device=device, skipped=skipped)
+                                                         query_batch=query_batch, device=device, skipped=skipped,
+                                                         unit_norm=emb.normalized)
         except EmbeddingsError as err:
             raise EmbeddingsError(f"{emb.path}: {err}") from None
     queries, neighbours, similarity = queries[valid], neighbours[valid], similarity[valid]
@@ -894,8 +921,10 @@ def search(emb: Embeddings, object_id: int | str, cfg: SearchConfig,
     """
     row = emb.rows_of([object_id])
     query = np.asarray(emb.vectors[int(row[0]):int(row[0]) + 1], dtype=np.float32)  # (1, F)
-    if not np.isfinite(query).all():
-        raise EmbeddingsError(f"object_id {object_id} (row {int(row[0])}) has a non-finite embedding (NaN/inf) in "
+    if not usable_rows(query, emb.normalized).all():
+        what = "a non-finite embedding (NaN/inf)" if not np.isfinite(query).all() else \
+            f"an embedding of norm {float(np.linalg.norm(query)):.3g}, not a unit vector"
+        raise EmbeddingsError(f"object_id {object_id} (row {int(row[0])}) has {what} in "
                               f"{emb.path}, so it has no neighbours; the file was written by an older sslsky embed or "
                               f"changed since: embed the shards again (sslsky embed now refuses such rows and says "
                               f"why)")
@@ -905,7 +934,7 @@ def search(emb: Embeddings, object_id: int | str, cfg: SearchConfig,
                                       ef_search=cfg.faiss_ef_search, chunk_size=cfg.chunk_size, skipped=skipped)
         else:
             scores, rows = topk_cosine(query, emb.vectors, cfg.k, cfg.chunk_size, exclude=row,
-                                       device=_device(cfg.device), skipped=skipped)
+                                       device=_device(cfg.device), skipped=skipped, unit_norm=emb.normalized)
     except EmbeddingsError as err:
         raise EmbeddingsError(f"{emb.path}: {err}") from None
     return scores[0], rows[0], int(row[0])
@@ -919,8 +948,9 @@ def _warn_skipped(emb: Embeddings, skipped: set[int]) -> None:
     ids = ", ".join(id_text(i) for i in emb.columns["object_id"][rows[:5]])
     more = f" and {rows.size - 5} more" if rows.size > 5 else ""
     print(f"sslsky search: warning: skipped {rows.size} of {len(emb)} rows of {emb.path} whose embeddings hold "
-          f"NaN/inf (object_id {ids}{more}): they are never neighbours. The file was written by an older sslsky "
-          f"embed or changed since; embed the shards again to search them", file=sys.stderr, flush=True)
+          f"NaN/inf{' or are not unit vectors' if emb.normalized else ''} (object_id {ids}{more}): they are never "
+          f"neighbours. The file was written by an older sslsky embed or changed since; embed the shards again to "
+          f"search them", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -1047,17 +1077,7 @@ def _print_evaluation(emb: Embeddings, cfg: SearchConfig, skipped: set[int]) -> 
     per_class = ", ".join(f"{name} {v:.2f}" for name, v in result["class_agreement_per_class"].items())
     print(f"  class agreement by query class: {per_class}")
     if cfg.eval_json:
-        path = Path(cfg.eval_json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(result, indent=2))
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            if is_no_space(err):
-                raise DiskFullError(path, "the evaluation") from None
-            raise
-        os.replace(tmp, path)
+        write_text_atomic(cfg.eval_json, json.dumps(result, indent=2), "the evaluation")
     print(f"sslsky search: evaluated {result['queries']} queries in {result['seconds']:.2f} s"
           + (f" -> {cfg.eval_json}" if cfg.eval_json else ""), flush=True)
 

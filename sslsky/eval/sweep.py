@@ -32,13 +32,12 @@ import dataclasses
 import io
 import itertools
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 from sslsky.config import ConfigError, SweepConfig, check_values
-from sslsky.outputs import output_dir
+from sslsky.outputs import atomic_output, output_dir, write_text_atomic
 
 #: Task name -> (module, function, schema name in sslsky.config, base-config field of SweepConfig).
 TASKS = {
@@ -290,9 +289,7 @@ def collect(out: Path) -> list[dict]:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    tmp = out / f".{RESULTS_NAME}.tmp{os.getpid()}"
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, out / RESULTS_NAME)
+    write_text_atomic(out / RESULTS_NAME, buffer.getvalue(), "results")
     for task in sorted({row["task"] for row in rows}):
         plot_label_efficiency([r for r in rows if r["task"] == task], task, out / f"label_efficiency_{task}.png")
     return rows
@@ -336,8 +333,7 @@ def plot_label_efficiency(rows: list[dict], task: str, path: Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_output(path, "plot") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -87,7 +87,7 @@ from sslsky.data.shards import ShardDataset
 from sslsky.eval.encoders import CheckpointError, EvalTransform, eval_transform, load_encoder
 from sslsky.models.encoders import ARCHITECTURES, STEMS, build_encoder
 from sslsky.models.heads import HEADS, build_head, init_prior
-from sslsky.outputs import output_dir
+from sslsky.outputs import output_dir, write_text_atomic
 from sslsky.surveys import Survey
 from sslsky.train.checkpoint import load_checkpoint, save_checkpoint
 from sslsky.train.schedules import warmup_cosine
@@ -180,12 +180,7 @@ def _json_ready(value):
 
 def write_json(obj: dict, path: str | os.PathLike) -> Path:
     """Write ``obj`` as JSON atomically (temp name, then rename); NaN/inf become null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_json_ready(obj), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(_json_ready(obj), indent=2) + "\n", "results")
 
 
 # ---------------------------------------------------------------------------
