@@ -46,16 +46,27 @@ def _unusable(folder: Path) -> str:
     return ""
 
 
-def output_dir(path: str | os.PathLike, key: str) -> Path:
-    """``path`` as a writable folder (created with its parents); ConfigError naming ``key`` otherwise."""
+def output_dir(path: str | os.PathLike, key: str, create: bool = True) -> Path:
+    """``path`` as a writable folder (created with its parents); ConfigError naming ``key`` otherwise.
+
+    ``create=False``: a missing folder is not made (nothing is written yet); the write is tried in its nearest
+    existing parent instead.
+    """
     if not str(path):
         raise ConfigError(f"{key} is empty: name an output folder")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{key}={str(path)!r} is a file, not a folder; choose another {key}")
-    why = _unusable(folder)
+    parent = folder
+    while not create and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent != folder and not parent.is_dir():
+        raise ConfigError(f"{key}={str(path)!r} cannot be made: {parent} is a file, not a folder; choose another {key}")
+    why = _unusable(parent)
     if why:
-        raise ConfigError(f"{key}={str(path)!r}: {why}; choose another {key}")
+        where = f" in {parent}" if parent != folder else ""
+        raise ConfigError(f"{key}={str(path)!r}{' cannot be made' + where if where else ''}: {why}; "
+                          f"choose another {key}")
     return folder
 
 
@@ -103,3 +114,86 @@ def write_text_atomic(path: str | os.PathLike, text: str, what: str = "file") ->
     with atomic_output(path, what) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+class SpaceSafeFile:
+    """The binary file under an ``h5py.File`` being written: a failed write is recorded, not passed to HDF5.
+
+    HDF5 whose write failed (a full disk) cannot close the file any more and crashes the interpreter (a
+    segmentation fault after "Driver write request failed ... errno = 28"); this file answers every write as done
+    once one failed, so the file still closes cleanly, and keeps the first error in ``error``:
+    :func:`new_hdf5` then removes the file and raises. About 5 % slower than HDF5's own writer (200 MB: 1.12 s
+    against 1.07 s).
+    """
+
+    def __init__(self, path: Path):
+        self.raw = open(path, "w+b", buffering=0)  # noqa: SIM115 (closed by close())
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):  # an unbuffered write may be short
+                    done += self.raw.write(view[done:])
+            except OSError as err:
+                self.error = err
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int | None:
+        if self.error is None:
+            try:
+                return self.raw.truncate(size)
+            except OSError as err:
+                self.error = err
+        return size
+
+    def read(self, size: int = -1) -> bytes:
+        return self.raw.read(size)
+
+    def readinto(self, buffer) -> int:
+        return self.raw.readinto(buffer)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+    def check(self) -> None:
+        """Raise the recorded write error, if any (between batches: stop computing once the disk is full)."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+@contextlib.contextmanager
+def new_hdf5(tmp: Path, final: Path, what: str, **options):
+    """``(handle, sink)``: a new HDF5 file written at the temporary ``tmp`` on its way to ``final`` (the caller
+    renames it); ``options`` go to ``h5py.File`` (e.g. ``libver``).
+
+    On any error (or Ctrl-C) ``tmp`` is removed; a full disk ends in :class:`DiskFullError` naming the disk and
+    ``final``. ``sink.check()`` raises a write error as soon as HDF5 has met it.
+    """
+    import h5py
+
+    sink = SpaceSafeFile(tmp)
+    try:
+        try:
+            with h5py.File(sink, "w", **options) as handle:
+                yield handle, sink
+        finally:
+            sink.close()
+        sink.check()  # a failure in the last writes, at close
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        failed = sink.error if sink.error is not None else err
+        if isinstance(failed, OSError) and is_no_space(failed):
+            raise DiskFullError(Path(final).absolute(), what) from None
+        raise

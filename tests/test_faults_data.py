@@ -337,3 +337,227 @@ def test_sigkill_at_random_points_of_pack_then_rerun_equals_a_clean_pack(work):
         assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp files left
         assert main(["verify", str(out)]) == 0
     assert resumed >= 1  # at least one re-run kept the shards finished before the kill
+
+
+# ---------------------------------------------------------------------------
+# A manifest that lost what the checks need; statistics that cannot normalise; full and read-only disks; temp
+# files of dead packs; catalog values past float32.
+# ---------------------------------------------------------------------------
+
+
+def edit_manifest(work: Path, change) -> Path:
+    """Apply ``change(manifest)`` to the work pack's manifest.json; its path."""
+    path = work / "packed" / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+def assert_repack_makes_it_whole(work: Path, master: Path, capsys) -> None:
+    """``sslsky pack`` again keeps the shards (they verify by their checksums), writes the manifest again: whole."""
+    capsys.readouterr()
+    assert repack(work) == 0
+    assert "skipped 4 finished shard(s)" in capsys.readouterr().out
+    assert json.loads((work / "packed" / MANIFEST_NAME).read_text())["shards"] == json.loads(
+        (master / "packed" / MANIFEST_NAME).read_text())["shards"]
+    assert main(["verify", str(work / "packed")]) == 0
+    assert "all whole (checked: sha256 of 4/4, sizes of 4/4, per-image checksums of 4/4" in capsys.readouterr().out
+
+
+def test_a_removed_shard_entry_is_damage_not_fewer_rows(work, master, capsys):
+    """The shard file stays, its manifest entry goes: readers refuse (counts.packed), verify names the stray."""
+    manifest = edit_manifest(work, lambda m: m["shards"].pop(1))
+    with pytest.raises(DataError) as err:
+        index_shards(work / "packed")
+    text = str(err.value)
+    assert f"{manifest} is damaged" in text and "hold 24 rows but counts.packed says 32" in text, text
+    assert "sslsky pack" in text and "sslsky verify" in text
+    capsys.readouterr()
+    assert main(tiny_pretrain_args(work / "packed", work / "run", *PRETRAIN)) == 2
+    text = capsys.readouterr().err
+    assert "sslsky pretrain: data error:" in text and "counts.packed says 32" in text, text
+    assert not (work / "run" / "encoder.pt").exists()
+    assert main(["verify", str(work / "packed")]) == 2
+    text = capsys.readouterr().err
+    assert f"DAMAGED {manifest}: its 3 listed shard(s) hold 24 rows but counts.packed says 32" in text, text
+    assert f"DAMAGED {shard(work, 1)}: on disk but not listed in manifest.json (stray" in text, text
+    assert "all whole" not in text
+    assert_repack_makes_it_whole(work, master, capsys)
+
+
+@pytest.mark.parametrize("what", ["sha256", "rows", "stats", "counts"])
+def test_a_manifest_without_digests_stats_or_counts_is_damage(work, master, what, capsys):
+    """What the manifest does not record cannot be checked: verify says so (never "all whole"); readers that need
+    statistics or counts refuse."""
+    changes = {"sha256": lambda m: m["shards"][2].pop("sha256"), "rows": lambda m: m["shards"][2].pop("rows"),
+               "stats": lambda m: m.pop("stats"), "counts": lambda m: m.__setitem__("counts", {})}
+    manifest = edit_manifest(work, changes[what])
+    capsys.readouterr()
+    assert main(["verify", str(work / "packed")]) == 2
+    text = capsys.readouterr()
+    assert "all whole" not in text.out + text.err and "1 damaged file(s)" in text.err, text
+    if what in ("sha256", "rows"):
+        assert f"DAMAGED {shard(work, 2)}: its manifest entry has no {what}, so its content cannot be checked" \
+            in text.err, text.err
+        assert len(ShardDataset(work / "packed")) == N  # readers need neither (size and row checks stay)
+    else:
+        expected = "has no per-band statistics (stats)" if what == "stats" else "has no row count (counts.packed"
+        assert f"DAMAGED {manifest}: {expected}" in text.err, text.err
+        with pytest.raises(DataError) as err:
+            ShardDataset(work / "packed")
+        assert f"{manifest} is damaged: {expected}" in str(err.value) and "sslsky pack" in str(err.value)
+    assert_repack_makes_it_whole(work, master, capsys)
+
+
+@pytest.mark.parametrize("median, sigma", [(float("nan"), None), (None, float("nan")), (None, 0.0), (None, -1.0)])
+def test_unusable_statistics_are_a_data_error_when_the_data_is_opened(work, master, median, sigma, capsys):
+    """NaN / 0 / negative per-band statistics: pretrain and embed stop with a data error naming manifest.json and
+    the fix (not "config error: augment: per-band sigma must be > 0", not an encoder with NaN statistics)."""
+    def change(m):
+        if median is not None:
+            m["stats"]["median"] = [median] * 5
+        if sigma is not None:
+            m["stats"]["sigma_mad"] = [sigma] * 5
+    manifest = edit_manifest(work, change)
+    with pytest.raises(DataError) as err:
+        ShardDataset(work / "packed", split="train")
+    text = str(err.value)
+    assert f"{manifest} is damaged: stats." in text and "sslsky verify" in text and "sslsky pack" in text, text
+    capsys.readouterr()
+    assert main(tiny_pretrain_args(work / "packed", work / "run", *PRETRAIN)) == 2
+    text = capsys.readouterr().err
+    assert f"sslsky pretrain: data error: {manifest} is damaged: stats." in text, text
+    assert "config error" not in text and "augment" not in text and "Traceback" not in text, text
+    assert not (work / "run" / "encoder.pt").exists()
+    assert main(["embed", "--ckpt", str(master / "run" / "encoder.pt"), "--data", str(work / "packed"),
+                 "--out", str(work / "emb.h5"), "progress=false", "device=cpu", "num_workers=0"]) == 2
+    text = capsys.readouterr().err
+    assert f"data error: {manifest} is damaged: stats." in text and not (work / "emb.h5").exists(), text
+    assert main(["verify", str(work / "packed")]) == 2
+    assert f"DAMAGED {manifest}: stats." in capsys.readouterr().err
+    assert_repack_makes_it_whole(work, master, capsys)
+
+
+def _pack_subprocess(catalog: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``sslsky pack`` in a process of its own: a crash of HDF5 (a segfault) shows as its exit status."""
+    return subprocess.run([sys.executable, "-m", "sslsky", *pack_args(catalog, out, *extra)], cwd=REPO,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+
+
+def test_a_full_disk_while_packing_is_a_message_and_the_partial_shard_is_removed(work, master, capsys):
+    """A real 200 KiB tmpfs holds two of the four 80 KiB shards: exit 2 with the no-space message naming the disk,
+    no partial temp file, no segfault; the whole shards stay, and a run with room keeps them."""
+    from conftest import tmpfs
+
+    with tmpfs(work / "full", "size=200k") as disk:
+        out = disk / "pk"
+        proc = _pack_subprocess(work / "survey" / "catalog.fits", out, "--shard-size", str(SHARD_SIZE))
+        assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])  # not 139 (SIGSEGV) nor 1
+        assert f"sslsky pack: no space left on the disk holding {out}" in proc.stderr, proc.stderr
+        assert "while writing shard" in proc.stderr and "the partial file was removed" in proc.stderr
+        assert "Traceback" not in proc.stderr and "Driver write request failed" not in proc.stderr, proc.stderr
+        left = sorted(p.name for p in out.iterdir())
+        assert left == ["shard-000-00000.h5", "shard-000-00001.h5"], left  # whole shards only, no .tmp file
+        for name in left:
+            assert check_shard(out / name) == []
+        subprocess.run(["mount", "-o", "remount,size=2m", str(disk)], check=True)
+        capsys.readouterr()
+        assert main(pack_args(work / "survey" / "catalog.fits", out, "--shard-size", str(SHARD_SIZE))) == 0
+        assert "skipped 2 finished shard(s)" in capsys.readouterr().out
+        assert main(["verify", str(out)]) == 0
+        for i in range(4):
+            assert sha256(out / f"shard-000-{i:05d}.h5") == sha256(shard(master, i))
+
+
+def test_a_full_disk_while_writing_the_manifest_is_a_message_and_leaves_no_temp_file(tmp_path):
+    from conftest import tmpfs
+
+    from sslsky.data.pack import _write_atomic
+    from sslsky.errors import DiskFullError
+
+    with tmpfs(tmp_path / "full", "size=64k") as disk:
+        with pytest.raises(OSError), open(disk / "filler", "wb") as filler:
+            while True:
+                filler.write(bytes(4096))
+                filler.flush()
+        with pytest.raises(DiskFullError) as err:
+            _write_atomic(disk / MANIFEST_NAME, "x" * 20000, "manifest")
+        assert f"while writing manifest {disk / MANIFEST_NAME}; the partial file was removed" in str(err.value)
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+def test_a_read_only_or_file_out_is_a_message_before_any_work(work, capsys):
+    from conftest import tmpfs
+
+    catalog = work / "survey" / "catalog.fits"
+    with tmpfs(work / "ro", "ro,size=1m") as disk:
+        for out in (disk, disk / "pk"):
+            assert main(pack_args(catalog, out)) == 2
+            text = capsys.readouterr().err
+            assert f"sslsky pack: config error: --out='{out}'" in text and "read-only" in text, text
+            assert "choose another --out" in text and "Traceback" not in text
+    for out in (catalog, catalog / "pk"):
+        assert main(pack_args(catalog, out)) == 2
+        text = capsys.readouterr().err
+        assert f"config error: --out='{out}'" in text and "is a file, not a folder" in text, text
+
+
+def test_pack_removes_the_temp_files_of_dead_packs_and_says_so(work, capsys):
+    """Temp files a SIGKILLed pack left (rejected.csv, manifest, config, shards) go at the next start-up, counted;
+    one of a process still running is kept."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    running = subprocess.Popen(["sleep", "60"])
+    try:
+        packed = work / "packed"
+        stale = [f".{REJECTED_NAME}.tmp{dead.pid}", f".{MANIFEST_NAME}.tmp{dead.pid}", f".config.yaml.tmp{dead.pid}",
+                 f".shard-000-00001.h5.tmp{dead.pid}"]
+        kept = f".{REJECTED_NAME}.tmp{running.pid}"
+        for name in [*stale, kept]:
+            (packed / name).write_text("partial")
+        capsys.readouterr()
+        assert repack(work) == 0
+        text = capsys.readouterr()
+        assert f"sslsky pack: removed 4 temporary file(s) left in {packed} by an earlier pack" in text.err, text.err
+        assert sorted(p.name for p in packed.iterdir() if p.name.startswith(".")) == [kept]
+        assert "skipped 4 finished shard(s)" in text.out
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_catalog_values_past_float32_are_reported_as_written(work):
+    """z = 1e308 is rejected as "z = 1e+308" (not "z = inf"), without numpy's overflow warning."""
+    import warnings
+
+    from sslsky.data.catalog import read_catalog
+
+    catalog = work / "survey" / "catalog.fits"
+    table = Table.read(catalog)
+    table["z"][0], table["ebv"][1], table["z"][2] = 1e308, 1e39, -1e300
+    table.write(catalog, overwrite=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        cat = read_catalog(catalog)
+    reasons = {row: reason for row, _, _, reason in cat.rejected}
+    assert reasons == {0: "z = 1e+308 is not a redshift (z >= 0; NaN if unknown)",
+                       1: "ebv = 1e+39 is not an E(B-V) (>= 0; NaN if unknown)",
+                       2: "z = -1e+300 is not a redshift (z >= 0; NaN if unknown)"}, reasons
+    assert 0 not in cat.valid_rows and len(cat.valid_rows) == N - 3
+
+
+def test_a_pack_whose_statistics_sample_was_all_rejected_writes_no_manifest(work, capsys):
+    """Readers refuse a manifest without statistics, so pack never writes one: stats_sample=1 and that cutout bad."""
+    from sslsky.data.catalog import read_catalog
+    from sslsky.data.pack import stats_rows
+
+    catalog = work / "survey" / "catalog.fits"
+    cat = read_catalog(catalog)
+    (row,) = stats_rows(cat.valid_rows, 1)
+    Path(cat.cutout_path(int(row))).write_bytes(b"not a FITS file")
+    out = work / "few_stats"
+    assert main(pack_args(catalog, out, "stats_sample=1")) == 2
+    text = capsys.readouterr().err
+    assert "data error: none of the 1 cutout(s) sampled for the per-band statistics could be packed" in text, text
+    assert not (out / MANIFEST_NAME).exists()

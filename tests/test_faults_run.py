@@ -1,10 +1,13 @@
 """Faults around a run directory of `sslsky pretrain`: real processes, real signals, a real full file system.
 
 Probes (issue 11): two concurrent runs on one run_dir; stale locks (a dead pid, a requeued SLURM job, another
-host); a resume with a changed config refused with the differences, then allowed and recorded; failed starts
-that must leave the run's files as they were; Ctrl-C (once: checkpoint, twice: stop at once) and SIGKILL at
-seeded random points, then a resume that ends bit-identical to an uninterrupted run; stale temp files of
-killed checkpoint writes; a full tmpfs.
+host, an empty lock file) and lock files that are no lock (random bytes, other JSON, a folder); a resume with a
+changed config refused with the differences, then allowed and recorded; keys that set the weights' shapes
+never allowed; data.path spelt otherwise or a copy of the same shards accepted; failed starts that must leave
+the run's files as they were (and no folder in a new run_dir); a device that is not here; a truncated or empty
+latest checkpoint; Ctrl-C (once: checkpoint, twice: stop at once) and SIGKILL at seeded random points, then a
+resume that ends bit-identical to an uninterrupted run; stale temp files of killed checkpoint writes; a full
+tmpfs. Two packs, embeds and evaluations on one output: tests/test_locks.py.
 
 The runs are the tiny CPU runs of tests/test_pretrain.py (16 steps, checkpoints of ~140 MB). Concurrency and
 signals use ``python -m sslsky pretrain`` subprocesses (each in its own session, so that a signal reaches
@@ -27,12 +30,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, tiny_pretrain_args, tmpfs
 from test_pretrain import assert_same_tree, free_port
 
 from sslsky.cli import main
+from sslsky.locks import slurm_job_state
 from sslsky.train.checkpoint import list_checkpoints, load_checkpoint
-from sslsky.train.rundir import CHANGES_FILE, LOCK_FILE, slurm_job_state
+from sslsky.train.rundir import CHANGES_FILE, LOCK_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -235,17 +240,120 @@ def test_a_failed_start_leaves_the_run_files_as_they_were(packed_mock, resumable
     if fails_fresh:  # in a new run_dir nothing at all is written
         fresh = tmp_path / "fresh"
         assert main(tiny_pretrain_args(packed_mock, fresh, override)) == 2
-        assert not fresh.exists() or not any(fresh.iterdir())
+        assert not fresh.exists()
 
 
-def test_an_allowed_change_the_checkpoint_cannot_take_is_refused(packed_mock, resumable, capsys):
+def test_keys_that_set_the_weights_shapes_cannot_change_on_a_resume(packed_mock, resumable, capsys):
     before = run_files(resumable)
-    assert main(tiny_pretrain_args(packed_mock, resumable, "model.arch=resnet34",
-                                   "resume.allow_changes=[model.arch]")) == 2
-    assert "does not fit the model of this config" in capsys.readouterr().err
-    assert run_files(resumable) == before
+    for key, value in (("model.arch", "resnet34"), ("model.queue_size", "96")):
+        assert main(tiny_pretrain_args(packed_mock, resumable, f"{key}={value}", f"resume.allow_changes=[{key}]")) == 2
+        err = capsys.readouterr().err
+        assert f"resume.allow_changes=['{key}']: {key} cannot change on a resume: it changes the shapes of the " \
+               f"model's weights" in err and "Traceback" not in err and "state_dict" not in err
+    # Not allowed: listed with the others, never suggested in the override (only the key that can change is).
+    assert main(tiny_pretrain_args(packed_mock, resumable, "model.arch=resnet34", "optim.base_lr=0.1")) == 2
+    err = capsys.readouterr().err
+    assert 'model.arch: "resnet18" -> "resnet34"' in err and "optim.base_lr: 0.06 -> 0.1" in err
+    assert "model.arch cannot change on a resume" in err
+    assert "'resume.allow_changes=[optim.base_lr]'" in err and "allow_changes=[model.arch" not in err
     assert main(tiny_pretrain_args(packed_mock, resumable, "resume.allow_changes=[optim.total_step]")) == 2
     assert "did you mean 'optim.total_steps'" in capsys.readouterr().err
+    assert run_files(resumable) == before
+
+
+@pytest.mark.parametrize("override", ["model.arch=resnet19", "data.path=/no/such/packed", "method=bogus",
+                                      "data.batch_size=200", "device=tpu"])
+def test_a_failed_start_in_a_new_run_dir_leaves_no_folder(packed_mock, tmp_path, capsys, override):
+    fresh = tmp_path / "new" / "run"
+    assert main(tiny_pretrain_args(packed_mock, fresh, override)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("config error" in err or "data error" in err), err
+    assert not (tmp_path / "new").exists()  # nor the parent it created
+
+
+def test_a_device_that_is_not_here_is_a_config_error(packed_mock, tmp_path, capsys):
+    assert main(tiny_pretrain_args(packed_mock, tmp_path / "run", "device=tpu")) == 2
+    assert "config error: device='tpu': choose auto, cpu or cuda" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(tiny_pretrain_args(packed_mock, tmp_path / "run", "device=cuda")) == 2
+        assert "config error: device=cuda but CUDA is not available here; use device=cpu or auto" in \
+               capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("content", "found"), [
+    (bytes(range(256)), "holds 256 bytes that are not text"),
+    (b'{"host": "vm"}', "holds '{\"host\": \"vm\"}'"),
+    (b"[1, 2]", "holds '[1, 2]'"),
+    (None, "is a folder"),
+])
+def test_a_lock_file_that_is_no_lock_is_a_message(packed_mock, tmp_path, capsys, content, found):
+    run_dir = tmp_path / "run"
+    lock = run_dir / LOCK_FILE
+    run_dir.mkdir()
+    if content is None:
+        lock.mkdir()
+    else:
+        lock.write_bytes(content)
+    assert main(tiny_pretrain_args(packed_mock, run_dir)) == 2
+    err = capsys.readouterr().err
+    assert f"config error: run_dir {str(run_dir)!r}: the lock file {lock} {found}, not a lock of sslsky" in err, err
+    assert f"remove it (rm {'-r ' if content is None else ''}{lock}) and start again" in err
+    assert "Traceback" not in err and "being created" not in err
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]  # kept as it was, nothing left beside it
+
+
+def test_an_empty_lock_is_taken_over(packed_mock, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / LOCK_FILE).write_bytes(b"")  # just now: not "being created by another run right now"
+    assert main(tiny_pretrain_args(packed_mock, run_dir, "model.queue_size=20")) == 2  # refused after the lock
+    out, err = capsys.readouterr()
+    assert "took over the stale lock" in out and "the lock file was empty" in out and "model.queue_size" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("size", [1_000_000, 0])
+def test_a_damaged_latest_checkpoint_is_a_message_naming_the_previous_one(reference, packed_mock, tmp_path, capsys,
+                                                                          size):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    previous, latest = list_checkpoints(reference["run_dir"] / "checkpoints")[-2:]
+    for path in (previous, latest):
+        shutil.copy(path, run_dir / "checkpoints")
+    damaged = run_dir / "checkpoints" / latest.name
+    os.truncate(damaged, size)
+    assert main(tiny_pretrain_args(packed_mock, run_dir)) == 2
+    err = capsys.readouterr().err
+    assert f"data error: the latest checkpoint {damaged} cannot be loaded ({size} bytes; " in err, err
+    assert f"Delete it (rm {damaged}) and run the same command again: the run then resumes from the previous " \
+           f"one, {run_dir / 'checkpoints' / previous.name}" in err
+    assert "Traceback" not in err and err.count("\n") == 1  # one message
+    assert not (run_dir / LOCK_FILE).exists() and damaged.stat().st_size == size
+
+
+def test_the_same_data_spelt_otherwise_or_copied_is_no_change(packed_mock, resumable, tmp_path, capsys, monkeypatch):
+    def resume(data_path: str) -> str:
+        args = [a for a in tiny_pretrain_args(packed_mock, resumable) if not a.startswith("data.path=")]
+        assert main([*args, f"data.path={data_path}"]) == 0, capsys.readouterr().err
+        return capsys.readouterr().out
+
+    monkeypatch.chdir(packed_mock.parent)
+    for spelling in (f"{packed_mock}/", packed_mock.name, f"./{packed_mock.name}//"):
+        assert "resumed from step 16" in resume(spelling)
+    copy = tmp_path / "copy" / "elsewhere"
+    shutil.copytree(packed_mock, copy)
+    out = resume(str(copy))
+    assert f"-> '{copy}': accepted as the same data, the shards in {copy} are those the run trained on" in out
+    # Other data (one shard changed) is refused as before.
+    other = tmp_path / "other"
+    shutil.copytree(packed_mock, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    args = [a for a in tiny_pretrain_args(packed_mock, resumable) if not a.startswith("data.path=")]
+    assert main([*args, f"data.path={other}"]) == 2
+    assert "data.path: " in capsys.readouterr().err
 
 
 def test_ctrl_c_and_kills_then_resume_end_bit_identical(reference, packed_mock, tmp_path):

@@ -55,6 +55,9 @@ from sslsky.data.schema import (
     VOTES_PREFIX,
 )
 
+#: Largest float32: z and ebv beyond it (stored as float32) would become inf in the shards.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 class CatalogError(ConfigError):
     """A catalog that cannot be packed at all (missing file or column); ``sslsky pack`` exits with 2."""
@@ -294,7 +297,10 @@ def declared_classes(raw: dict, label_name: str | None) -> tuple[int, str]:
 
 
 def _range_problems(columns: dict, n_classes: int, classes_from: str, label_name: str) -> dict[int, list[str]]:
-    """Row -> what is out of physical range (empty values are reported elsewhere; NaN z/ebv means unknown)."""
+    """Row -> what is out of physical range (empty values are reported elsewhere; NaN z/ebv means unknown).
+
+    z and ebv are the catalog's values (float64), so a value past float32's range is reported as it is written,
+    not as the inf it would become in a shard."""
     out: dict[int, list[str]] = {}
 
     def flag(mask, text):
@@ -310,8 +316,10 @@ def _range_problems(columns: dict, n_classes: int, classes_from: str, label_name
             f"ra, dec = {ra[r]:.6g}, {dec[r]:.6g} is not a sky position in degrees (ra in [0, 360), dec in "
             f"[-90, 90]" + ("; ra and dec swapped?" if abs(dec[r]) > 90.0 and 0 <= dec[r] < 360 else "")
             + ("; a catalog in [-180, 180) needs 360 added to negative ra" if -180 <= ra[r] < 0 else "") + ")"))
-        flag((z < 0) | np.isinf(z), lambda r: f"z = {z[r]:.6g} is not a redshift (z >= 0; NaN if unknown)")
-        flag((ebv < 0) | np.isinf(ebv), lambda r: f"ebv = {ebv[r]:.6g} is not an E(B-V) (>= 0; NaN if unknown)")
+        flag((z < 0) | ~(np.abs(z) <= FLOAT32_MAX) & ~np.isnan(z),
+             lambda r: f"z = {z[r]:.6g} is not a redshift (z >= 0; NaN if unknown)")
+        flag((ebv < 0) | ~(np.abs(ebv) <= FLOAT32_MAX) & ~np.isnan(ebv),
+             lambda r: f"ebv = {ebv[r]:.6g} is not an E(B-V) (>= 0; NaN if unknown)")
     flag((label < -1) | (label >= n_classes), lambda r: (
         f"{label_name} {int(label[r])} is not a declared class (0..{n_classes - 1}: {classes_from}; -1 unlabelled); "
         f"declare more classes by their names in a {label_name}_name column"))
@@ -385,6 +393,7 @@ def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5, id_column: str 
         "file": np.asarray(np.ma.filled(raw["file"], "") if np.ma.isMaskedArray(raw["file"])
                            else np.ma.getdata(raw["file"]), dtype=str),
     }
+    exact: dict[str, np.ndarray] = {}  # float64 values of the float columns stored as float32
     for name, fill in OPTIONAL_COLUMNS.items():
         dtype = SHARD_COLUMNS[name]
         if name not in raw:
@@ -394,7 +403,9 @@ def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5, id_column: str 
             values[~np.isfinite(values)] = fill
             columns[name] = values.astype(dtype)
         else:
-            columns[name] = _as_float(raw[name], fill, dtype)
+            exact[name] = _as_float(raw[name], fill, np.float64)  # as in the catalog, for the range checks
+            with np.errstate(over="ignore"):  # z = 1e308 becomes inf in float32: rejected below, by its value
+                columns[name] = exact[name].astype(dtype)
     cat = Catalog(path, columns, legacy=legacy, id_column=id_name, label_column=label_name or LABEL_COLUMN)
     n_classes, classes_from = declared_classes(raw, label_name)
     if label_name is not None:
@@ -416,7 +427,7 @@ def read_catalog(path: str | os.PathLike, n_bands_hint: int = 5, id_column: str 
     empty = {name: _missing_mask(raw[name]) for name in ("ra", "dec", "file")}
     empty["ra"] |= ~np.isfinite(columns["ra"])
     empty["dec"] |= ~np.isfinite(columns["dec"])
-    out_of_range = _range_problems(columns, n_classes, classes_from, label_name or LABEL_COLUMN)
+    out_of_range = _range_problems({**columns, **exact}, n_classes, classes_from, label_name or LABEL_COLUMN)
     flagged = np.zeros(n, dtype=bool)
     flagged[list(out_of_range)] = True
     for row in np.flatnonzero(bad_id | empty["ra"] | empty["dec"] | empty["file"] | flagged):

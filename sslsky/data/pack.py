@@ -15,6 +15,13 @@ Steps:
    (:func:`sslsky.parallel.split_evenly`); each rank writes its block as
    shards of ``shard_size`` rows with plain h5py, each under a temporary
    name then ``os.replace``'d, so a file named like a shard is always whole.
+   HDF5 writes through a Python file object (:func:`sslsky.outputs.new_hdf5`): a full
+   disk is a :class:`~sslsky.errors.DiskFullError` naming the disk (exit
+   status 2) with the partial file removed, not HDF5's crash; the same holds
+   for ``manifest.json``, ``rejected.csv`` and ``config.yaml``. ``--out``
+   is checked before any work (a file, a read-only file system: a message),
+   and start-up removes the temporary files of packs that died, saying how
+   many (:func:`remove_stale_temps`).
    A cutout that cannot be packed (:class:`~sslsky.data.fits_io.CutoutError`)
    is listed and left out; the run goes on.
 4. A shard stores in its attributes a key over its catalog rows and the
@@ -84,12 +91,15 @@ from sslsky.data.schema import (
     RGB_BANDS,
     SCHEMA_VERSION,
     SHARD_COLUMNS,
+    SHARD_GLOB,
     SHARD_PATTERN,
     VOTES_COLUMNS_ATTR,
     VOTES_DATASET,
 )
 from sslsky.data.verify import check_shard, file_sha256, row_sum32
-from sslsky.errors import DataError
+from sslsky.errors import DataError, DiskFullError, is_no_space
+from sslsky.locks import OutputLock, lock_next_to
+from sslsky.outputs import new_hdf5, output_dir
 from sslsky.parallel import get_comm, split_evenly
 from sslsky.surveys import SURVEYS, get_survey
 
@@ -165,6 +175,7 @@ def check_config(cfg: PackConfig) -> None:
             raise ConfigError(str(err)) from None
     if cfg.dtype == "float16" and abs(cfg.fill_value) > np.finfo(np.float16).max:
         raise ConfigError(f"fill_value={cfg.fill_value} does not fit in float16")
+    output_dir(cfg.out, "--out", create=False)  # a file, a read-only file system: a message before any work
 
 
 def _survey_of(bands: str, header_survey: str) -> str:
@@ -442,8 +453,8 @@ def _write_shard(path: Path, rows: np.ndarray, key: str, cat: Catalog, layout: L
     dtype = np.dtype(layout.dtype)
     kept, filled, sums, rejected, samples = [], [], [], [], {}
     worst = (0.0, 0.0)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with h5py.File(tmp, "w", libver=SHARD_LIBVER) as handle:
+    tmp = _temp_name(path)
+    with new_hdf5(tmp, path, "shard", libver=SHARD_LIBVER) as (handle, sink):
         images = handle.create_dataset(IMAGES_DATASET, shape=(len(rows), channels, height, width),
                                        maxshape=(None, channels, height, width), chunks=(1, channels, height, width),
                                        dtype=dtype, fletcher32=IMAGE_FLETCHER32, track_times=False)
@@ -468,6 +479,7 @@ def _write_shard(path: Path, rows: np.ndarray, key: str, cat: Catalog, layout: L
                     worst = (max(worst[0], errors[0]), max(worst[1], errors[1]))
                 file_space.select_hyperslab((len(kept), 0, 0, 0), (1, channels, height, width))
                 images.id.write(memory_space, file_space, stored)  # through the filters (Fletcher32 when on)
+                sink.check()  # the disk is full: stop now, not after the whole shard
                 sums.append(row_sum32(stored))
                 if row in samples_wanted:
                     samples[row] = pixel_sample(stored)
@@ -610,10 +622,60 @@ def band_statistics(samples: dict, bands: str) -> dict | None:
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _temp_name(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: ``.NAME.tmpPID`` (see :func:`remove_stale_temps`)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _write_atomic(path: Path, text: str, what: str = "file") -> None:
+    """``text`` to ``path`` through a temporary name; a full disk removes the partial file (DiskFullError)."""
+    tmp = _temp_name(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and is_no_space(err):
+            raise DiskFullError(path, what) from None
+        raise
+
+
+#: Temporary files a pack writes in its output folder (``.NAME.tmpPID``): shards, manifest, rejected.csv, config.
+TEMP_FILE = re.compile(r"^\.(shard-.*\.h5|" + "|".join(re.escape(name) for name in
+                                                      (MANIFEST_NAME, REJECTED_NAME, "config.yaml")) + r")\.tmp(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a pid another user owns counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> list[str]:
+    """Remove the temporary files of packs that died (killed, crashed) in ``out``; the names removed.
+
+    A temp file of a process still running on this host is left alone (the output lock keeps two packs out of one
+    folder; this is for a pid that is alive for another reason), and so are those of this process.
+    """
+    removed = []
+    for path in sorted(out.iterdir()) if out.is_dir() else []:
+        match = TEMP_FILE.match(path.name)
+        if match is None or not path.is_file():
+            continue
+        pid = int(match.group(2))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path.name)
+    return removed
 
 
 def write_rejected(path: Path, rejected: list) -> None:
@@ -621,12 +683,12 @@ def write_rejected(path: Path, rejected: list) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(REJECTED_FIELDS)
     writer.writerows(sorted(rejected, key=lambda item: item[0]))
-    _write_atomic(path, buffer.getvalue())
+    _write_atomic(path, buffer.getvalue(), "the list of rejected rows")
 
 
 def shard_glob() -> str:
     """Glob matching every name SHARD_PATTERN can make."""
-    return re.sub(r"\{[^}]*\}", "*", SHARD_PATTERN)
+    return SHARD_GLOB
 
 
 def finish(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, reports: list[dict], size: int,
@@ -637,6 +699,10 @@ def finish(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, reports: li
                       key=lambda item: item[0])
     samples = {row: pixels for r in reports for row, pixels in r["samples"].items()}
     packed = sum(entry["rows"] for entry in shards)
+    if packed and not samples:  # readers refuse a manifest without statistics: say so now
+        raise DataError(f"none of the {cfg.stats_sample} cutout(s) sampled for the per-band statistics could be "
+                        f"packed (all rejected); sample more with stats_sample= (default 2000); no manifest was "
+                        f"written (the shards are kept and reused by the next run)")
     f16 = None
     if layout.dtype == "float16":
         f16 = {
@@ -674,8 +740,14 @@ def finish(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, reports: li
     for path in stale:  # left by an earlier pack with other ranks or shard size
         path.unlink()
     write_rejected(out / REJECTED_NAME, rejected)
-    write_config(cfg, out / "config.yaml")
-    _write_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    try:
+        write_config(cfg, out / "config.yaml")
+    except OSError as err:
+        _temp_name(out / "config.yaml").unlink(missing_ok=True)
+        if is_no_space(err):
+            raise DiskFullError(out / "config.yaml", "the pack's config") from None
+        raise
+    _write_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n", "manifest")
 
     seconds = time.perf_counter() - start
     read = sum(r["read"] for r in reports)
@@ -694,7 +766,28 @@ def finish(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, reports: li
 
 
 def run_pack(cfg: PackConfig) -> int:
-    """Pack the catalog's cutouts into shards; the exit status (0 all packed, 3 some rejected)."""
+    """Pack the catalog's cutouts into shards; the exit status (0 all packed, 3 some rejected). One pack at a time
+    per --out: rank 0 holds the lock ``.OUT.lock`` next to the folder (:func:`sslsky.locks.lock_next_to`; not in
+    it, which holds the pack only) from before it touches the folder to the end; a second pack is refused
+    (ConfigError naming the holder) on every rank."""
+    lock = OutputLock(lock_next_to(cfg.out or "."), "pack", key="--out", target=cfg.out, output=cfg.out or ".",
+                      harm="Two packs into one --out would replace each other's shards and manifest")
+    try:
+        return _run_pack(cfg, lock)
+    finally:
+        lock.release()  # rank 0; a folder this pack created and left empty is removed too
+
+
+def _lock_refusal(lock: OutputLock) -> str | None:
+    """Take ``lock``: None, or why not (shared with every rank like a layout error, so that none waits)."""
+    try:
+        lock.acquire()
+    except (ConfigError, OSError) as err:  # OSError: a full disk (DiskFullError) or another failure to write
+        return str(err)
+    return None
+
+
+def _run_pack(cfg: PackConfig, lock: OutputLock) -> int:
     comm = get_comm()  # MPI_Init, like interpreter start-up, is not counted in the reported time
     start = time.perf_counter()
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -706,8 +799,13 @@ def run_pack(cfg: PackConfig) -> int:
     layout = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for tmp in out.glob(f".{shard_glob()}.tmp*"):  # temp files of a killed pack
-            tmp.unlink()
+        layout = _lock_refusal(lock)  # another pack writing out: every rank raises it below
+    if rank == 0 and layout is None:
+        stale = remove_stale_temps(out)  # temp files of a killed pack (safe: the lock says no one writes here)
+        if stale:
+            print(f"sslsky pack: removed {len(stale)} temporary file(s) left in {out} by an earlier pack that "
+                  f"was killed or crashed ({', '.join(stale[:4])}{', ...' if len(stale) > 4 else ''})",
+                  file=sys.stderr, flush=True)
         layout = probe_layout(cat, cfg) if len(cat.valid_rows) else Layout("fits", cfg.survey, "", None, (0, 0, 0),
                                                                            True)
     layout = comm.bcast(layout, root=0)

@@ -38,6 +38,8 @@ SHARD_COLUMNS = {
     "filled_pixels": np.int32,  # NaN/inf pixels replaced by fill_value (0 when clean)
 }
 SHARD_PATTERN = "shard-{rank:03d}-{index:05d}.h5"
+#: Glob matching every name SHARD_PATTERN can make (``shard-*-*.h5``).
+SHARD_GLOB = "shard-*-*.h5"
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.csv"
 

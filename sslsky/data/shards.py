@@ -22,6 +22,9 @@ The same class reads one HDF5 file in the layout of the original
 ssl-sky-surveys data (``images``, ``specz_redshift``, ``e_bv``, ``ObjID``).
 
 Every read is checked, cheaply and always (DESIGN.md, Integrity): at open,
+the manifest's row total must equal its ``counts.packed`` (a removed shard
+entry would silently drop rows) and its per-band statistics must be there,
+finite, with sigma_mad > 0 (:func:`~sslsky.data.verify.check_manifest`);
 each shard's size and row count must match ``manifest.json``, and HDF5
 verifies the Fletcher32 checksums of the per-row columns as it reads them;
 each image read is checked against its row's checksum in ``image_sum32``
@@ -57,6 +60,7 @@ from sslsky.data.schema import (
 from sslsky.data.splits import DEFAULT_FRACTIONS, label_subset, split_mask
 from sslsky.data.verify import (
     MissingDataError,
+    check_manifest,
     load_manifest,
     manifest_entries,
     open_shard,
@@ -168,6 +172,7 @@ def index_shards(source: str | os.PathLike) -> ShardIndex:
         entries = manifest_entries(source, manifest)
         if not entries:
             raise DataError(f"{source}: the manifest lists no shards (was every cutout rejected? see rejected.csv)")
+        check_manifest(source, manifest)  # statistics usable, counts there (compared once the shards are open)
         attrs = {k: v for k, v in manifest.items() if k not in ("shards", "config")}
     paths = [path for path, _ in entries]
     rows, parts = [], {name: [] for name in ITEM_COLUMNS + PER_BAND_COLUMNS}
@@ -194,6 +199,8 @@ def index_shards(source: str | os.PathLike) -> ShardIndex:
             except (OSError, KeyError) as err:  # a checksum mismatch, a truncated file, a missing dataset
                 raise read_error(path, None, err, folder) from None
         rows.append(n)
+    if folder is not None:  # the rows of the listed shards against counts.packed: a removed entry drops rows
+        check_manifest(folder, manifest, rows)
     columns = {name: np.concatenate(values) for name, values in parts.items() if len(values) == len(paths)}
     vote_columns: list[str] = []
     if vote_parts and len(vote_parts) == len(paths):  # every shard has votes: the first shard's column order

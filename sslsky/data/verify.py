@@ -7,13 +7,21 @@ What is checked (the readers in :mod:`sslsky.data.shards` check the cheap part
 of this on every open and read; this checks all of it):
 
 - ``manifest.json`` parses and lists shards; its per-band statistics are
-  finite with sigma_mad > 0;
-- every shard is present, its size and full-file sha256 match the manifest,
-  it opens as HDF5, has the pack key attribute, and its row count matches;
+  there, finite, with sigma_mad > 0, one per band; its ``counts`` are there
+  and ``counts.packed`` equals the rows of the listed shards;
+- no file named like a shard is on disk without being listed (stray: a
+  removed entry would otherwise drop its rows without a word);
+- every shard is present, its manifest entry has a sha256 and a row count,
+  its size and full-file sha256 match the manifest, it opens as HDF5, has the
+  pack key attribute, and its row count matches;
 - every chunk of every dataset reads (HDF5 verifies each chunk's Fletcher32
   checksum on the way, where the shard has them), every image matches its
   per-row checksum (``image_sum32``), and the per-row columns have one value
   per image.
+
+Something the manifest lacks is damage too: what is not recorded cannot be
+checked, and the summary of a whole pack says what was (sha256 of 4/4 shards,
+...). Readers make the manifest checks (:func:`check_manifest`) on every open.
 
 ``sslsky pack`` uses :func:`check_shard` before it adopts a shard a previous
 run finished, so a re-run rewrites exactly the damaged shards. The helpers
@@ -33,7 +41,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sslsky.data.schema import IMAGE_SUM_DATASET, IMAGES_DATASET, MANIFEST_NAME, PACK_KEY_ATTR
+from sslsky.data.schema import IMAGE_SUM_DATASET, IMAGES_DATASET, MANIFEST_NAME, PACK_KEY_ATTR, SHARD_GLOB
 from sslsky.errors import DataError
 
 
@@ -165,19 +173,26 @@ def _why(err: BaseException) -> str:
     return f"Fletcher32 checksum mismatch: {text}" if "filter returned failure" in text else text
 
 
-def check_shard(path: Path, entry: dict | None = None) -> list[str]:
+def check_shard(path: Path, entry: dict | None = None, checked: dict | None = None) -> list[str]:
     """What is wrong with one shard (empty when whole): against its manifest ``entry`` (``size_bytes``, ``sha256``,
-    ``rows``) when given, then every chunk of every dataset."""
+    ``rows``) when given, then every chunk of every dataset. ``checked``: counts of the checks made
+    (``size``, ``sha256``, ``image_sum32``), incremented."""
     path = Path(path)
     entry = entry or {}
+    checked = {} if checked is None else checked
     if not path.is_file():
         return ["missing"]
     problems = []
     size = os.path.getsize(path)
-    if entry.get("size_bytes") is not None and size != int(entry["size_bytes"]):
-        problems.append(f"size {size} bytes, the manifest says {int(entry['size_bytes'])} (truncated or overwritten)")
-    if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
-        problems.append("sha256 differs from the manifest (the content changed)")
+    if entry.get("size_bytes") is not None:
+        checked["size"] = checked.get("size", 0) + 1
+        if size != int(entry["size_bytes"]):
+            problems.append(f"size {size} bytes, the manifest says {int(entry['size_bytes'])} "
+                            f"(truncated or overwritten)")
+    if entry.get("sha256"):
+        checked["sha256"] = checked.get("sha256", 0) + 1
+        if file_sha256(path) != entry["sha256"]:
+            problems.append("sha256 differs from the manifest (the content changed)")
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
@@ -193,6 +208,8 @@ def check_shard(path: Path, entry: dict | None = None) -> list[str]:
             if entry.get("rows") is not None and int(entry["rows"]) != n:
                 problems.append(f"{n} rows, the manifest says {int(entry['rows'])}")
             sums = handle[IMAGE_SUM_DATASET][()] if IMAGE_SUM_DATASET in handle else None
+            if sums is not None:
+                checked["image_sum32"] = checked.get("image_sum32", 0) + 1
             problems += _image_problems(images, sums)
             for name, dataset in handle.items():
                 if name == IMAGES_DATASET or not isinstance(dataset, h5py.Dataset):
@@ -211,24 +228,81 @@ def check_shard(path: Path, entry: dict | None = None) -> list[str]:
     return problems
 
 
-def _stats_problems(stats) -> list[str]:
-    if stats is None:
-        return []
+def stats_problems(stats, bands=None) -> list[str]:
+    """What is wrong with a manifest's per-band ``stats`` (empty when usable): missing, not finite, sigma_mad not
+    > 0, or another number of bands than the pack has."""
+    if not isinstance(stats, dict):
+        return ["has no per-band statistics (stats)" if stats is None else f"stats is not a table ({stats!r})"]
     problems = []
+    sizes = {}
     for key in ("median", "sigma_mad"):
-        values = np.asarray(stats.get(key) or [], dtype=np.float64) if isinstance(stats, dict) else np.zeros(0)
-        if values.size == 0 or not np.isfinite(values).all():
-            problems.append(f"stats.{key} is not finite ({stats.get(key) if isinstance(stats, dict) else stats})")
+        raw = stats.get(key)
+        try:
+            values = np.asarray(raw if raw is not None else [], dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            values = np.full(1, np.nan)
+        sizes[key] = values.size
+        if values.size == 0:
+            problems.append(f"stats.{key} is missing")
+        elif not np.isfinite(values).all():
+            problems.append(f"stats.{key} is not finite ({raw})")
         elif key == "sigma_mad" and not (values > 0).all():
             problems.append(f"stats.sigma_mad must be > 0 in every band, got {values.tolist()}")
+    n_bands = len(bands) if isinstance(bands, (str, list)) and bands else None
+    for key, size in sizes.items():
+        if size and n_bands is not None and size != n_bands:
+            problems.append(f"stats.{key} has {size} values for the {n_bands} bands {''.join(map(str, bands))}")
     return problems
 
 
-def verify_pack(source: str | os.PathLike) -> list[tuple[Path, str]]:
-    """Every problem of a packed folder (or of one shard file), as (file, what is wrong); empty when all is whole."""
+def counts_problems(manifest: dict, rows: list | None = None) -> list[str]:
+    """What is wrong with a manifest's ``counts`` (empty when all is well): missing, or, given the ``rows`` of each
+    listed shard, a total other than ``counts.packed`` (a shard entry removed or added). A None among ``rows``
+    (bare names of older manifests) leaves the total uncompared."""
+    counts = manifest.get("counts")
+    if not isinstance(counts, dict) or not isinstance(counts.get("packed"), int):
+        return [f"has no row count (counts.packed; counts = {counts!r})"]
+    problems = []
+    rows = rows if rows is not None else [None]
+    if all(isinstance(n, (int, np.integer)) for n in rows) and sum(rows) != counts["packed"]:
+        problems.append(f"its {len(rows)} listed shard(s) hold {sum(rows)} rows but counts.packed says "
+                        f"{counts['packed']} (a shard entry was removed or added)")
+    total, rejected = counts.get("input_rows"), counts.get("rejected")
+    if isinstance(total, int) and isinstance(rejected, int) and counts["packed"] + rejected != total:
+        problems.append(f"counts.packed {counts['packed']} + counts.rejected {rejected} != counts.input_rows {total}")
+    return problems
+
+
+def check_manifest(folder: str | os.PathLike, manifest: dict, rows: list | None = None) -> None:
+    """The cheap checks every reader makes when it opens a packed folder: the per-band statistics are usable and
+    the counts are there (and, given the ``rows`` of each listed shard, agree with them). DataError naming
+    ``manifest.json`` and the fix otherwise."""
+    problems = stats_problems(manifest.get("stats"), manifest.get("bands")) + counts_problems(manifest, rows)
+    if problems:
+        raise DataError(f"{Path(folder) / MANIFEST_NAME} is damaged: {'; '.join(problems)}; {repack_hint(folder)}")
+
+
+def stray_shards(folder: Path, entries: list[tuple[Path, dict]]) -> list[Path]:
+    """Files named like shards in ``folder`` that the manifest does not list."""
+    listed = {path.name for path, _ in entries}
+    return [path for path in sorted(folder.glob(SHARD_GLOB)) if path.name not in listed]
+
+
+def verify_pack(source: str | os.PathLike, checked: dict | None = None) -> list[tuple[Path, str]]:
+    """Every problem of a packed folder (or of one shard file), as (file, what is wrong); empty when all is whole.
+
+    Besides each shard's own checks (:func:`check_shard`), a folder is damaged when its manifest lacks what the
+    checks need (a shard entry's ``sha256`` or ``rows``, ``counts``, ``stats``), when its counts disagree with its
+    shard list, and when a file named like a shard is on disk but not in the manifest (stray). ``checked``, when
+    given, is filled with how many shards had each check: ``shards``, ``size``, ``sha256``, ``image_sum32``.
+    """
     source = Path(source)
+    tally = {"shards": 0, "size": 0, "sha256": 0, "image_sum32": 0} if checked is None else checked
+    for key in ("shards", "size", "sha256", "image_sum32"):
+        tally.setdefault(key, 0)
     if source.is_file():
-        return [(source, what) for what in check_shard(source)]
+        tally["shards"] += 1
+        return [(source, what) for what in check_shard(source, checked=tally)]
     if not source.is_dir():
         return [(source, "does not exist")]
     try:
@@ -236,11 +310,21 @@ def verify_pack(source: str | os.PathLike) -> list[tuple[Path, str]]:
         entries = manifest_entries(source, manifest)
     except DataError as err:
         return [(source / MANIFEST_NAME, str(err))]
-    problems = [(source / MANIFEST_NAME, what) for what in _stats_problems(manifest.get("stats"))]
+    where = source / MANIFEST_NAME
+    problems = [(where, what) for what in stats_problems(manifest.get("stats"), manifest.get("bands"))]
+    problems += [(where, what) for what in counts_problems(manifest, [entry.get("rows") for _, entry in entries])]
     if not entries:
-        problems.append((source / MANIFEST_NAME, "lists no shards"))
+        problems.append((where, "lists no shards"))
+    for path in stray_shards(source, entries):
+        problems.append((path, f"on disk but not listed in {MANIFEST_NAME} (stray: its entry was removed, or "
+                               f"another pack left it); its rows are not read"))
     for path, entry in entries:
-        found = check_shard(path, entry)
+        tally["shards"] += 1
+        found = check_shard(path, entry, checked=tally)
+        missing = [key for key in ("sha256", "rows") if not entry.get(key)]
+        if missing and found != ["missing"]:
+            found = [f"its manifest entry has no {' and no '.join(missing)}, so its content cannot be checked "
+                     f"against what `sslsky pack` wrote"] + found
         if found:
             problems.append((path, "; ".join(found)))
     return problems
@@ -254,7 +338,8 @@ def run_verify(source: str | os.PathLike, stream=None) -> int:
         print(f"sslsky verify: {source} does not exist; give a folder written by `sslsky pack` (with "
               f"{MANIFEST_NAME}) or one shard file", file=sys.stderr, flush=True)
         return 2
-    problems = verify_pack(source)
+    checked: dict = {}
+    problems = verify_pack(source, checked)
     for path, what in problems:
         print(f"sslsky verify: DAMAGED {path}: {what}", file=sys.stderr, flush=True)
     if problems:
@@ -268,6 +353,10 @@ def run_verify(source: str | os.PathLike, stream=None) -> int:
         return 0
     manifest = load_manifest(source)
     rows = sum(int(entry.get("rows", 0)) for _, entry in manifest_entries(source, manifest))
+    n = checked["shards"]
+    done = [f"sha256 of {checked['sha256']}/{n}", f"sizes of {checked['size']}/{n}",
+            f"per-image checksums of {checked['image_sum32']}/{n}", "every chunk", "row counts against counts",
+            "no stray shards", "statistics"]
     print(f"sslsky verify: {source}: {len(manifest['shards'])} shard(s), {rows} rows, all whole "
-          f"(sizes, sha256, every chunk, statistics checked)", file=stream, flush=True)
+          f"(checked: {', '.join(done)})", file=stream, flush=True)
     return 0

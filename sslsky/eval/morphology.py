@@ -79,6 +79,7 @@ from sslsky.data.votes import MORPH_CLASSES, VoteSchema, class_names
 from sslsky.eval.clustering import cluster_metrics, kmeans_clusters
 from sslsky.eval.metrics import classification_metrics, small_test_warnings, small_train_warnings
 from sslsky.eval.photoz import write_predictions
+from sslsky.locks import EVAL_HARM, EVAL_LOCK, OutputLock
 from sslsky.losses import dirichlet_multinomial_nll
 from sslsky.models.byol import CONCENTRATION_MIN, CONCENTRATION_RANGE
 from sslsky.models.heads import init_prior
@@ -424,7 +425,16 @@ def _run_votes(cfg: EvalMorphConfig, schema: VoteSchema, out: Path) -> dict:
 
 def run_morph(cfg: EvalMorphConfig) -> dict:
     """Train (or kNN) and score a morphology classifier (or vote-fraction model) as configured; returns the
-    metrics (module docstring)."""
+    metrics (module docstring). One evaluation at a time per out folder: ``OUT/eval.lock`` is held from the
+    check of the folder to the end; a second one is refused (ConfigError naming the holder)."""
+    lock = OutputLock(Path(cfg.out or ".") / EVAL_LOCK, "eval-morph", key="out", target=cfg.out, harm=EVAL_HARM)
+    try:
+        return _run_morph(cfg, lock)
+    finally:
+        lock.release()  # a folder this evaluation created and left empty is removed too
+
+
+def _run_morph(cfg: EvalMorphConfig, lock: OutputLock) -> dict:
     out = Path(cfg.out)
     done = finished_metrics(out, cfg)
     if done is not None:
@@ -436,6 +446,7 @@ def run_morph(cfg: EvalMorphConfig) -> dict:
         raise ConfigError(f"target={cfg.target!r}: choose one of {', '.join(MORPH_TARGETS)}")
     schema = vote_schema(cfg) if cfg.target == "votes" else None
     output_dir(cfg.out, "out")  # a file or a read-only folder: a message now, not after the training
+    lock.acquire()  # another evaluation writing this folder: refused, naming it
     if schema is not None:
         result = _run_votes(cfg, schema, out)
         write_json(result, out / METRICS_FILE)

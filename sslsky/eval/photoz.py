@@ -54,6 +54,7 @@ from sslsky.eval.metrics import (
     small_test_warnings,
     small_train_warnings,
 )
+from sslsky.locks import EVAL_HARM, EVAL_LOCK, OutputLock
 from sslsky.outputs import atomic_output, output_dir
 from sslsky.train.finetune import (
     METRICS_FILE,
@@ -86,7 +87,18 @@ def write_predictions(path: Path, columns: dict[str, np.ndarray], attrs: dict) -
 
 
 def run_specz(cfg: EvalSpeczConfig) -> dict:
-    """Train and score a photo-z model as configured; returns the metrics (see the module docstring)."""
+    """Train and score a photo-z model as configured; returns the metrics (see the module docstring).
+
+    One evaluation at a time per out folder: ``OUT/eval.lock`` is held from the check of the folder to the end; a
+    second one is refused (ConfigError naming the holder)."""
+    lock = OutputLock(Path(cfg.out or ".") / EVAL_LOCK, "eval-specz", key="out", target=cfg.out, harm=EVAL_HARM)
+    try:
+        return _run_specz(cfg, lock)
+    finally:
+        lock.release()  # a folder this evaluation created and left empty is removed too
+
+
+def _run_specz(cfg: EvalSpeczConfig, lock: OutputLock) -> dict:
     out = Path(cfg.out)
     done = finished_metrics(out, cfg)
     if done is not None:
@@ -95,6 +107,7 @@ def run_specz(cfg: EvalSpeczConfig) -> dict:
         return done
     check_config(cfg)
     output_dir(cfg.out, "out")  # a file or a read-only folder: a message now, not after the training
+    lock.acquire()  # another evaluation writing this folder: refused, naming it
     edges = redshift_bin_edges(cfg.n_bins, cfg.z_min, cfg.z_max)  # (K + 1,)
 
     task = Task("photoz", "z", cfg.n_bins, lambda z: redshift_to_bin(z, edges),

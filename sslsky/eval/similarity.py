@@ -15,8 +15,11 @@ and renames it. What must hold for the file:
 
 - ``--out`` is checked (not a folder, its folder writable) before anything is computed, and the free
   space against the size of the embeddings once the encoder is loaded;
+- one run at a time per ``--out``: rank 0 holds the lock ``.OUT.lock`` beside it (:mod:`sslsky.locks`), and a
+  second run is refused naming the holder;
 - nothing at ``--out`` until the whole file is written: an interrupted run leaves only dot-named part
-  or temporary files (``.OUT.part-*``, ``.OUT.tmp*``), which the next run to the same ``--out`` removes;
+  or temporary files (``.OUT.part-HOST-PID-*``, ``.OUT.tmp-HOST-PID``: each run's own names), which the next run
+  to the same ``--out`` removes (holding the lock, and only those of runs that no longer go);
 - a full disk removes the partial file and ends in :class:`~sslsky.errors.DiskFullError`;
 - non-finite features (NaN/inf pixels, an overflowing encoder) are refused: no file, a
   :class:`~sslsky.errors.DataError` on every rank listing the object ids and the likely cause.
@@ -45,7 +48,9 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -62,7 +67,8 @@ from sslsky.data.rgb import SURVEY_RGB_BANDS, lupton_rgb
 from sslsky.data.schema import RGB_BANDS
 from sslsky.data.votes import class_names
 from sslsky.errors import DataError, DiskFullError, is_no_space
-from sslsky.outputs import output_file, write_text_atomic
+from sslsky.locks import OutputLock, lock_next_to, pid_alive
+from sslsky.outputs import new_hdf5, output_file, write_text_atomic
 from sslsky.train import dist
 
 EMBEDDINGS_FORMAT = "sslsky-embeddings-v1"
@@ -348,84 +354,6 @@ class Embeddings:
         self.close()
 
 
-class _SpaceSink:
-    """The binary file under an ``h5py.File`` being written: a failed write is recorded, not passed to HDF5.
-
-    HDF5 whose write failed (a full disk) can no longer close the file and crashes the interpreter at exit;
-    this sink answers every write as done once one failed, so the file still closes cleanly, and keeps the
-    first error in ``error``: the writer (:func:`_writing`) then removes the file and raises.
-    """
-
-    def __init__(self, path: Path):
-        self.raw = open(path, "w+b", buffering=0)  # noqa: SIM115 (closed by close())
-        self.error: OSError | None = None
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        if self.error is None:
-            try:
-                done = 0
-                while done < len(view):  # an unbuffered write may be short
-                    done += self.raw.write(view[done:])
-            except OSError as err:
-                self.error = err
-        return len(view)
-
-    def truncate(self, size: int | None = None) -> int | None:
-        if self.error is None:
-            try:
-                return self.raw.truncate(size)
-            except OSError as err:
-                self.error = err
-        return size
-
-    def read(self, size: int = -1) -> bytes:
-        return self.raw.read(size)
-
-    def readinto(self, buffer) -> int:
-        return self.raw.readinto(buffer)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self.raw.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self.raw.tell()
-
-    def flush(self) -> None:
-        pass  # unbuffered
-
-    def check(self) -> None:
-        """Raise the recorded write error, if any (between batches: stop computing once the disk is full)."""
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        self.raw.close()
-
-
-@contextlib.contextmanager
-def _writing(path: Path, out: Path):
-    """``(handle, sink)``: a new HDF5 file at the temporary ``path`` on its way to ``out``.
-
-    On any error (or Ctrl-C) the file is removed; a full disk ends in :class:`DiskFullError` naming the disk of
-    ``out``. ``sink.check()`` raises a write error as soon as HDF5 has met it.
-    """
-    sink = _SpaceSink(path)
-    try:
-        try:
-            with h5py.File(sink, "w") as handle:
-                yield handle, sink
-        finally:
-            sink.close()
-        sink.check()  # a failure in the last writes, at close
-    except BaseException as err:
-        path.unlink(missing_ok=True)
-        failed = sink.error if sink.error is not None else err
-        if isinstance(failed, OSError) and is_no_space(failed):
-            raise DiskFullError(out.absolute(), "embeddings") from None
-        raise
-
-
 def _layout(handle: h5py.File, n: int, dim: int, columns: dict[str, np.ndarray]) -> None:
     """The per-row columns of an embeddings (or part) file and its ``(n, dim)`` embeddings dataset, to fill."""
     rows_per_chunk = max(1, min(n, _CHUNK_BYTES // (4 * dim)))
@@ -438,16 +366,17 @@ def _layout(handle: h5py.File, n: int, dim: int, columns: dict[str, np.ndarray])
             handle.create_dataset(name, data=values)
 
 
-def merge_parts(parts: list[Path], out: Path, attrs: dict, chunk_rows: int = 65536) -> Path:
-    """Concatenate part files in order into ``out`` (temporary name, then rename); the parts are removed."""
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+def merge_parts(parts: list[Path], out: Path, attrs: dict, chunk_rows: int = 65536, tag: str = "") -> Path:
+    """Concatenate part files in order into ``out`` (temporary name, then rename); the parts are removed.
+    ``tag``: the run's (:func:`run_tag`), in the temporary name."""
+    tmp = out.with_name(f".{out.name}.tmp-{tag}" if tag else f".{out.name}.tmp{os.getpid()}")
     handles = [h5py.File(p, "r") for p in parts]
     try:
         n = sum(h["embeddings"].shape[0] for h in handles)
         dim = handles[0]["embeddings"].shape[1]
         columns = {name: np.concatenate([read_ids(h[name]) if name == "object_id" else h[name][()]
                                          for h in handles]) for name in COLUMNS}
-        with _writing(tmp, out) as (dst, sink):
+        with new_hdf5(tmp, out, "embeddings") as (dst, sink):
             _layout(dst, n, dim, columns)
             at = 0
             for h in handles:
@@ -477,8 +406,32 @@ def rank_block(n: int, rank: int, world: int) -> range:
     return range(n * rank // world, n * (rank + 1) // world)
 
 
-def part_path(out: Path, rank: int, world: int) -> Path:
-    return out.with_name(f".{out.name}.part-{rank:05d}-of-{world:05d}.h5")
+def run_tag() -> str:
+    """``HOST-PID`` of this process (rank 0): in the names of a run's temp files, unique to the run, and telling
+    :func:`_remove_stale` whether their run still goes."""
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', socket.gethostname())}-{os.getpid()}"
+
+
+def part_path(out: Path, rank: int, world: int, tag: str = "") -> Path:
+    """The part file of ``rank`` of the run tagged ``tag`` (:func:`run_tag`)."""
+    run = f"{tag}-" if tag else ""
+    return out.with_name(f".{out.name}.part-{run}{rank:05d}-of-{world:05d}.h5")
+
+
+#: ``HOST-PID`` in a temp file name (:func:`part_path`, :func:`merge_parts`); older names have none.
+_TAGGED = re.compile(r"\.(?:part-(.+)-(\d+)-\d{5}-of-\d{5}\.h5|tmp-(.+)-(\d+))$")
+
+
+def _owner_running(path: Path) -> int | None:
+    """The pid of the run that owns temp file ``path`` when it still runs on this host (else None)."""
+    match = _TAGGED.search(path.name)
+    if match is None:
+        return None
+    host, pid = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+    here = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())
+    if host == here and int(pid) != os.getpid() and pid_alive(int(pid)):
+        return int(pid)
+    return None
 
 
 def stale_files(out: Path) -> list[Path]:
@@ -488,9 +441,14 @@ def stale_files(out: Path) -> list[Path]:
 
 
 def _remove_stale(out: Path) -> None:
-    """Remove :func:`stale_files` of ``out`` (rank 0, before any rank writes), saying how many."""
+    """Remove :func:`stale_files` of ``out`` (rank 0, holding the lock of ``out``, before any rank writes), saying
+    how many; a file whose run still goes on this host (its ``HOST-PID`` tag) is kept."""
     removed, kept = [], []
     for path in stale_files(out):
+        pid = _owner_running(path)
+        if pid is not None:  # its run still goes (an older sslsky without the lock): not ours to remove
+            print(f"sslsky embed: kept {path.name} (its embed, pid {pid}, still runs)", file=sys.stderr, flush=True)
+            continue
         try:
             path.unlink()
             removed.append(path.name)
@@ -528,6 +486,8 @@ def _check_room(out: Path, needed: int) -> None:
         free = shutil.disk_usage(out.parent).free
     except OSError:  # a file system that does not say: the write itself will tell
         return
+    with contextlib.suppress(OSError):  # the run's own lock beside out (removed at the end) is not counted as used
+        free += os.stat(lock_next_to(out)).st_blocks * 512
     if free < needed:
         raise _NoRoomError(out, needed, free)
 
@@ -545,10 +505,15 @@ def run_embed(cfg: EmbedConfig) -> int:
     _check_device(cfg.device, "device")
     # a folder, or a folder we cannot write, is refused before any work
     out = output_file(cfg.out, "out", example="embeddings.h5")
+    # One embed at a time per --out: rank 0 holds .OUT.lock next to it from before the stale temp files are
+    # looked at to the end.
+    lock = OutputLock(lock_next_to(out), "embed", key="out", target=str(out),
+                      harm="Two embeds to one --out would write over each other's files")
     dist.init_distributed()
     try:
-        return _embed(cfg, out)
+        return _embed(cfg, out, lock)
     finally:
+        lock.release()
         dist.cleanup()
 
 
@@ -571,7 +536,7 @@ def _check_device(name: str, key: str, allow_auto: bool = True) -> None:
 _USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "FileNotFoundError")
 
 
-def _embed(cfg: EmbedConfig, out: Path) -> int:
+def _embed(cfg: EmbedConfig, out: Path, lock: OutputLock) -> int:
     from torch.utils.data import DataLoader, Subset
 
     from sslsky.data.shards import ShardDataset
@@ -580,10 +545,20 @@ def _embed(cfg: EmbedConfig, out: Path) -> int:
     from sslsky.train.pretrain import autocast_dtype, pick_device
 
     rank, world = dist.rank(), dist.world_size()
-    part = part_path(out, rank, world)
+    start = {"refused": None, "tag": ""}
     if rank == 0:
-        _remove_stale(out)
-    dist.barrier()  # no rank writes its part before the stale ones are gone
+        try:
+            lock.acquire()
+        except ConfigError as err:  # another embed to this --out: every rank stops with the message
+            start["refused"] = str(err)
+        else:
+            _remove_stale(out)  # only while holding the lock
+            start["tag"] = run_tag()
+    start = dist.all_gather_object(start)[0]  # no rank writes its part before the stale ones are gone
+    if start["refused"]:
+        raise ConfigError(start["refused"])
+    tag = start["tag"]  # in every temp file name of this run: its own, never another run's
+    part = part_path(out, rank, world, tag)
     error, loop_started = None, time.perf_counter()
     zero_rows, bad_rows, bad_pixels, bad_ids = 0, 0, 0, []  # bad: non-finite features; ids: the first few
     try:
@@ -626,7 +601,7 @@ def _embed(cfg: EmbedConfig, out: Path) -> int:
 
             batches = track(loader, f"embed (rank 0/{world})", "batch")
         loop_started = time.perf_counter()
-        with _writing(part, out) as (handle, sink), torch.inference_mode():
+        with new_hdf5(part, out, "embeddings") as (handle, sink), torch.inference_mode():
             _layout(handle, len(block), loaded.feature_dim, columns)
             at = 0
             for batch in batches:
@@ -676,7 +651,7 @@ def _embed(cfg: EmbedConfig, out: Path) -> int:
             if world == 1:
                 os.replace(part, out)
             else:
-                merge_parts([part_path(out, r, world) for r in range(world)], out, meta)
+                merge_parts([part_path(out, r, world, tag) for r in range(world)], out, meta, tag=tag)
         except Exception as err:  # noqa: BLE001 (every rank learns of it below)
             if world == 1:
                 raise

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sslsky.errors import DiskFullError, is_no_space
+from sslsky.errors import DataError, DiskFullError, is_no_space
 
 CHECKPOINT_PATTERN = "step-{step:08d}.pt"
 _STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
@@ -59,16 +59,31 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _STEP_RE.match(p.name))
 
 
+class CheckpointDamagedError(DataError):
+    """A checkpoint file that cannot be loaded (truncated, empty, not a checkpoint, or refused by
+    ``weights_only``); ``path`` and ``reason`` let a caller say more (:mod:`sslsky.train.rundir` names the
+    previous checkpoint)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"checkpoint {path} cannot be loaded ({reason}); it is damaged or no sslsky checkpoint: "
+                         f"delete or replace it")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``; a clear error names a bad file."""
+    """Load a checkpoint with ``weights_only=True``; :class:`CheckpointDamagedError` (a DataError: a message,
+    exit status 2) names a file that cannot be loaded."""
     path = Path(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for a bad file
-        raise RuntimeError(
-            f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); "
-            "delete it to resume from the previous one"
-        ) from err
+        size = path.stat().st_size if path.is_file() else 0
+        text = " ".join(str(err).split()) or "no detail"
+        text = text if len(text) <= 200 else f"{text[:197]}..."
+        raise CheckpointDamagedError(path, f"{size} bytes; {type(err).__name__}: {text}") from None
+    if not isinstance(state, dict):
+        raise CheckpointDamagedError(path, f"it holds a {type(state).__name__}, not a dict")
+    return state
 
 
 def load_latest(folder: str | os.PathLike, map_location="cpu") -> dict | None:

@@ -188,12 +188,23 @@ def write_json(obj: dict, path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """``auto`` (cuda where a GPU is visible, else cpu), ``cpu``, ``cuda`` or ``cuda:N``; a ConfigError naming
+    ``key`` and the choices for anything else, or for cuda where no GPU is visible (pretrain uses it too)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or auto")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{key}={name!r}: choose auto, cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name} but CUDA is not available here; use {key}=cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={name} but only {torch.cuda.device_count()} GPU(s) are visible here "
+                          f"(cuda:0 ...); use {key}=cuda or auto")
+    return device
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -40,7 +40,7 @@ from sslsky.surveys import Survey
 from sslsky.train import dist
 from sslsky.train.checkpoint import CHECKPOINT_PATTERN, list_checkpoints, load_latest, save_checkpoint
 from sslsky.train.preempt import PreemptionFlag, ignore_interrupt, requeue_slurm_job
-from sslsky.train.rundir import MainRankFailedError, RunDirectory, append_text, on_main_rank
+from sslsky.train.rundir import MainRankFailedError, RunDirectory, append_text, data_identity, on_main_rank
 from sslsky.train.sampler import ResumableDistributedSampler
 from sslsky.train.schedules import cosine_momentum, scaled_lr, warmup_cosine
 
@@ -134,12 +134,15 @@ def build_model(cfg: PretrainConfig, n_bands: int) -> nn.Module:
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    """The device of ``device=name`` (:func:`sslsky.train.finetune.resolve_device`: a ConfigError naming the key
+    and the choices for an unknown device or cuda without a GPU); plain ``cuda`` is this rank's local GPU."""
+    from sslsky.train.finetune import resolve_device
+
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    return torch.device(name)
+    return device
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -333,13 +336,12 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
     # ---- restore: a started-again run just continues ----------------------------------------
     step = 0
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])  # strict: a mismatch is an error, never ignored
-        except RuntimeError as err:
-            detail = " ".join(str(err).split())
+        mismatch = state_mismatch(model.state_dict(), state["model"])
+        if mismatch:  # strict: a mismatch is an error, never ignored
             raise ConfigError(f"the latest checkpoint in {run_dir / 'checkpoints'} does not fit the model of this "
-                              f"config ({detail[:300]}{'...' if len(detail) > 300 else ''}); resume with the "
-                              f"run's model settings, or start a new run in another run_dir") from None
+                              f"config ({mismatch}); resume with the run's model settings and data (the bands), or "
+                              f"start a new run in another run_dir")
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
@@ -386,6 +388,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
                                       **ddp_buffer_kwargs())
     if cfg.compile:
         net = torch.compile(net)
+    data_id = data_identity(cfg.data.path) if main else {}  # a resume elsewhere checks it is the same data
     # Everything is checked and built: only now are the run's files written (config.yaml on a fresh start).
     on_main_rank(lambda: run.record_start(cfg, state, changes, command), main)
     log = MetricsLog(run_dir, main, cfg.tensorboard, purge_step=step + 1 if state is not None else None)
@@ -394,6 +397,10 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
         print(f"pretrain: {env} | {len(train_set)} train / {len(val_set)} val images, "
               f"{steps_per_epoch} steps/epoch, global batch {global_batch}, peak lr {peak_lr:.4g}, "
               f"steps {step}->{cfg.optim.total_steps}, device {device}, amp {amp_dtype}", flush=True)
+        if cfg.optim.warmup_steps >= cfg.optim.total_steps:
+            print(f"pretrain: warning: optim.warmup_steps={cfg.optim.warmup_steps} >= optim.total_steps="
+                  f"{cfg.optim.total_steps}: the learning rate never reaches the peak {peak_lr:.4g} (it stays in the "
+                  f"linear warm-up); lower warmup_steps", file=sys.stderr, flush=True)
     bar = None
     if main and cfg.progress:
         from sslsky.progress import progress
@@ -426,7 +433,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
                     **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
             "config": config_to_dict(cfg),
             "data_info": {"survey": survey.name, "bands": list(train_set.attrs.get("bands") or survey.bands),
-                          "stats": train_set.attrs.get("stats") or {},
+                          "stats": train_set.attrs.get("stats") or {}, **data_id,  # data.path resolved, shards' sha256
                           "augment": config_to_dict(augment.augment.cfg)},  # cutout and crop sizes resolved
         }, path, keep=cfg.keep_checkpoints)
 
@@ -534,6 +541,22 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
                               augment.augment.cfg)
         print(f"pretrain: finished {step} steps; encoder exported to {path}", flush=True)
     return 0
+
+
+def state_mismatch(model_state: dict, saved: dict) -> str:
+    """'' when ``saved`` fits ``model_state`` (same keys and shapes), else a short account of how it differs."""
+    missing = [k for k in model_state if k not in saved]
+    unexpected = [k for k in saved if k not in model_state]
+    shapes = [f"{k}: checkpoint {list(saved[k].shape)}, model {list(v.shape)}" for k, v in model_state.items()
+              if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(v.shape)]
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} weight(s) of other shapes, e.g. {shapes[0]}")
+    if missing:
+        parts.append(f"{len(missing)} weight(s) the checkpoint lacks, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weight(s) this model has not, e.g. {unexpected[0]}")
+    return "; ".join(parts)
 
 
 def ddp_buffer_kwargs() -> dict:

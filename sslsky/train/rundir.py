@@ -4,19 +4,19 @@ A run directory holds ``checkpoints/``, ``metrics.jsonl``, ``config.yaml`` (the 
 with), ``command.txt`` (every command that started or resumed it), ``changes.jsonl`` (the config changes a
 resume was explicitly allowed to make) and, while a run is going, the lock file ``pretrain.lock``.
 
-- **Lock.** Rank 0 creates ``pretrain.lock`` atomically (``O_CREAT | O_EXCL``, which NFS honours too) with
-  the host, pid, SLURM job id and start time of the run, and removes it on every exit path. A second run on
-  the same folder is refused with the holder's name. A lock whose holder is gone is taken over with a
-  message: same host and the pid no longer runs (or now belongs to another process), or a SLURM job that is
-  no longer running (``squeue``; a requeued job takes over the lock of its own earlier incarnation). A lock
-  from another host with nothing to ask (no SLURM job, or no SLURM here) is refused with the command that
-  removes it, for the user to run if they are sure.
+- **Lock.** Rank 0 takes ``pretrain.lock`` (:class:`sslsky.locks.OutputLock`, the lock of every output: host,
+  pid, SLURM job, start time; stale locks of dead runs taken over, a live holder named in the refusal) and
+  removes it on every exit path; a failed start in a new run_dir leaves no folder behind.
 - **Consistent resume.** When there are checkpoints, the new resolved config is compared with the one
   stored in the latest checkpoint (the config the run is effectively using). A difference in a key that
   can alter the result is refused with the list of differences and the exact override that allows them,
   ``resume.allow_changes=[key,...]``; keys in :data:`NEUTRAL_KEYS` never are. Allowed changes are appended
   to ``changes.jsonl`` with the step they apply from; the checkpoints then store the new config, while
-  ``config.yaml`` keeps describing how the run started.
+  ``config.yaml`` keeps describing how the run started. ``data.path`` is compared as a folder (relative or
+  absolute, a trailing slash, a link: the same), and a copy of the same shards elsewhere (the same sha256
+  list in ``manifest.json``) is the same data, said so. Keys that set the shapes of the weights
+  (:data:`SHAPE_KEYS`: ``model.arch``, ``model.dim``, ``model.queue_size`` ...) can never change on a resume.
+- **A damaged latest checkpoint** is a message naming it and the previous one (:meth:`RunDirectory.load`).
 - **A failed start writes nothing.** :meth:`RunDirectory.record_start` (``config.yaml`` on a fresh start,
   ``command.txt``, ``changes.jsonl``, metrics after the resumed step dropped) is called only after the
   trainer has checked and built everything.
@@ -36,11 +36,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
-import secrets
 import shlex
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -50,10 +46,12 @@ from typing import Any
 import yaml
 
 from sslsky.config import PretrainConfig, config_to_dict
-from sslsky.errors import ConfigError, DiskFullError, is_no_space
+from sslsky.data.schema import MANIFEST_NAME
+from sslsky.errors import ConfigError, DataError, DiskFullError, is_no_space
+from sslsky.locks import OutputLock
 from sslsky.outputs import output_dir
 from sslsky.train import dist
-from sslsky.train.checkpoint import list_checkpoints, load_checkpoint
+from sslsky.train.checkpoint import CheckpointDamagedError, list_checkpoints, load_checkpoint
 
 LOCK_FILE = "pretrain.lock"
 CONFIG_FILE = "config.yaml"
@@ -75,10 +73,6 @@ NEUTRAL_KEYS = (
     "device", "compile", "channels_last",  # the same computation on other hardware or kernels (other rounding)
     "resume",  # this section itself
 )
-
-#: SLURM job states after which a job no longer runs (anything else, PENDING included, holds the lock).
-FINISHED_JOB_STATES = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
-                                 "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"})
 
 #: Temporary files of atomic writes (``.NAME.tmpPID``) that a killed process leaves behind.
 TEMP_PATTERNS = ("checkpoints/.step-*.pt.tmp*", ".encoder.pt.tmp*", ".config.yaml.tmp*", f".{METRICS_FILE}.tmp*")
@@ -125,197 +119,6 @@ def append_text(path: Path, text: str, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# The lock.
-# ---------------------------------------------------------------------------
-
-
-def process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, /proc), to tell a reused pid; None where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def pid_alive(pid: int, started: str | None = None) -> bool:
-    """Whether ``pid`` runs on this host and (when ``started`` is known) is still the same process."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    current = process_start(pid)
-    return not (started and current and current != started)
-
-
-def slurm_job_state(job: str) -> str | None:
-    """SLURM's state of ``job`` (``RUNNING``, ``PENDING``, ...); ``""`` when SLURM no longer knows it, None when
-    SLURM cannot be asked (no ``squeue`` / ``scontrol``, no controller)."""
-    if shutil.which("squeue"):
-        command = ["squeue", "-h", f"--jobs={job}", "-o", "%T"]
-    elif shutil.which("scontrol"):
-        command = ["scontrol", "show", "job", job]
-    else:
-        return None
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if proc.returncode != 0:
-        return "" if "invalid job id" in (proc.stdout + proc.stderr).lower() else None
-    if command[0] == "squeue":
-        states = proc.stdout.split()
-        return states[0] if states else ""
-    match = re.search(r"JobState=(\S+)", proc.stdout)
-    return match.group(1) if match else ""
-
-
-def describe_holder(holder: dict) -> str:
-    job = f", SLURM job {holder['job']}" if holder.get("job") else ""
-    return f"pid {holder.get('pid')} on host {holder.get('host')}{job}, started {holder.get('started', '?')}"
-
-
-class RunLock:
-    """``run_dir/pretrain.lock``: JSON ``{host, pid, job, started, proc_start, token}`` of the run that holds it."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.token: str | None = None  # ours while we hold it
-
-    # -- taking and giving back ---------------------------------------------------------------
-
-    def acquire(self) -> None:
-        """Take the lock, taking over a stale one (with a message); ConfigError naming a live holder."""
-        for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                text, holder = self._read()
-                reason = self.stale_reason(holder)  # raises while the holder may still run
-                if self._remove_if_unchanged(text):
-                    say(f"took over the stale lock {self.path}: {reason}")
-                continue  # create it again (or judge the one that replaced it)
-            self._write(fd)
-            return
-        raise ConfigError(f"run_dir {str(self.path.parent)!r}: another run keeps taking the lock {self.path} at the "
-                          f"same time as this one; start one run per run_dir")
-
-    def release(self) -> None:
-        """Remove the lock if it is still ours (a lock taken over by another run is left to it)."""
-        if self.token is None:
-            return
-        _, holder = self._read(wait=False)
-        if holder is not None and holder.get("token") == self.token:
-            self.path.unlink(missing_ok=True)
-        self.token = None
-
-    def _write(self, fd: int) -> None:
-        self.token = secrets.token_hex(8)
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID") or None,
-                "started": now(), "proc_start": process_start(os.getpid()), "token": self.token}
-        try:
-            os.write(fd, (json.dumps(info) + "\n").encode())
-            os.fsync(fd)
-        except OSError as err:
-            self.token = None
-            self.path.unlink(missing_ok=True)
-            if is_no_space(err):
-                raise DiskFullError(self.path, "lock file") from None
-            raise
-        finally:
-            os.close(fd)
-
-    def _read(self, wait: bool = True) -> tuple[str | None, dict | None]:
-        """The lock's text and its JSON (None when unreadable); a lock being written is waited for (2 s)."""
-        deadline = time.monotonic() + (2.0 if wait else 0.0)
-        while True:
-            try:
-                text = self.path.read_text()
-            except FileNotFoundError:
-                return None, {"gone": True}
-            except OSError:
-                text = ""
-            try:
-                holder = json.loads(text)
-                if isinstance(holder, dict) and "pid" in holder:
-                    return text, holder
-            except ValueError:
-                pass
-            if time.monotonic() >= deadline:
-                return text, None
-            time.sleep(0.1)
-
-    def _remove_if_unchanged(self, text: str | None) -> bool:
-        """Remove the lock if it still holds ``text`` (the stale holder judged); False if it changed meanwhile."""
-        if text is None:  # gone already
-            return False
-        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return False
-        try:
-            if aside.read_text() == text:
-                return True
-            # A run took the lock between our look and the rename: give it back unless a third one took it.
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                pass
-            return False
-        finally:
-            aside.unlink(missing_ok=True)
-
-    # -- is the holder still there? -------------------------------------------------------------
-
-    def stale_reason(self, holder: dict | None) -> str:
-        """Why the lock's holder is gone; ConfigError (with what to do) while it runs or cannot be checked."""
-        run_dir = str(self.path.parent)
-        if holder is None:
-            age = time.time() - self.path.stat().st_mtime if self.path.exists() else 1e9
-            if age < 30:
-                raise ConfigError(f"run_dir {run_dir!r}: the lock {self.path} is being created by another run "
-                                  f"right now; start one run per run_dir")
-            return "the lock file is empty or unreadable (a run killed while creating it)"
-        if holder.get("gone"):
-            return "it was removed meanwhile"
-        desc = describe_holder(holder)
-        host, me, job = holder.get("host"), socket.gethostname(), holder.get("job")
-        try:
-            pid = int(holder["pid"])
-        except (TypeError, ValueError):
-            pid = -1
-        if host == me:
-            if pid == os.getpid():
-                return f"left by this process ({desc})"
-            if pid > 0 and pid_alive(pid, holder.get("proc_start")):
-                stop = f"scancel {job}" if job else f"kill {pid}"
-                raise ConfigError(f"run_dir {run_dir!r} is in use by another run: {desc} (lock file {self.path}). "
-                                  f"Two runs in one run_dir would mix their checkpoints and logs: wait for it to "
-                                  f"finish, stop it ({stop}; it checkpoints first), or choose another run_dir")
-            return f"{desc} is no longer running"
-        if job and job == os.environ.get("SLURM_JOB_ID"):
-            return f"left by an earlier run of this SLURM job ({desc}; the job was requeued)"
-        if job:
-            state = slurm_job_state(str(job))
-            if state == "" or state in FINISHED_JOB_STATES:
-                return f"SLURM job {job} is no longer running ({state or 'unknown to SLURM'}; {desc})"
-            if state is not None:
-                raise ConfigError(f"run_dir {run_dir!r} is in use by SLURM job {job} ({state}; {desc}; lock file "
-                                  f"{self.path}). Two runs in one run_dir would mix their checkpoints and logs: "
-                                  f"wait for the job, cancel it (scancel {job}), or choose another run_dir")
-            why = f"SLURM cannot be asked here about job {job}"
-        else:
-            why = "it ran without SLURM, so there is no job to ask about"
-        raise ConfigError(f"run_dir {run_dir!r} is locked by {desc} (lock file {self.path}), and this host ({me}) "
-                          f"cannot tell whether that run still goes: {why}. If you are sure it has stopped, remove "
-                          f"the lock (rm {shlex.quote(str(self.path))}) and start again; otherwise choose another "
-                          f"run_dir")
-
-
-# ---------------------------------------------------------------------------
 # Comparing a resume's config with the run's.
 # ---------------------------------------------------------------------------
 
@@ -357,13 +160,75 @@ def config_differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     return diffs
 
 
+#: Keys that set the shapes of the model's weights, by the run's method (``*``: every method): a checkpoint
+#: cannot be loaded into a model built with other values, so a resume can never change them, whatever
+#: ``resume.allow_changes`` says (measured: each changes some tensor's shape of ``build_model``).
+#: ``model.stem`` is not one: both stems have the same weights (it changes the stride, not the shapes).
+SHAPE_KEYS = {
+    "*": ("method", "model.arch", "model.n_bands"),
+    "moco": ("model.dim", "model.queue_size", "model.mlp"),
+    "byol": ("model.dim", "model.byol_hidden"),
+    "hybrid": ("model.dim", "model.byol_hidden", "votes.campaigns"),
+    "votes": ("votes.campaigns",),
+}
+
+
+def shape_keys(method: str) -> tuple[str, ...]:
+    """The keys that cannot change on a resume of a run of ``method`` (:data:`SHAPE_KEYS`)."""
+    return (*SHAPE_KEYS["*"], *SHAPE_KEYS.get(method, ()))
+
+
+def shard_digests(path: str | os.PathLike) -> list[str] | None:
+    """The sha256 of each shard in ``path/manifest.json``, in order; None where there is no such list to read
+    (no manifest, a single HDF5 file, an older manifest without digests)."""
+    try:
+        shards = json.loads((Path(path) / MANIFEST_NAME).read_text())["shards"]
+        digests = [entry["sha256"] for entry in shards]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return digests if digests and all(isinstance(d, str) and d for d in digests) else None
+
+
+def data_identity(path: str | os.PathLike) -> dict:
+    """What a checkpoint records of ``data.path``: the resolved folder and its shards' sha256 list."""
+    return {"path": os.path.realpath(path) if str(path) else "", "shard_sha256": shard_digests(path)}
+
+
+def same_data(old: str, new: str, data_info: dict | None) -> str | None:
+    """Whether ``data.path`` ``old`` (the run's) and ``new`` name the same data: '' for the same folder (spelt
+    another way: relative or absolute, a trailing slash, a link), a sentence for a copy of the same shards
+    (same sha256 list in manifest.json), None for other data. ``data_info``: the checkpoint's record of the run's
+    data (:func:`data_identity`; older checkpoints have none: ``old`` is then resolved here)."""
+    recorded = (data_info or {}).get("path") or ""
+    resolved_old = recorded or (os.path.realpath(old) if old else "")
+    resolved_new = os.path.realpath(new) if new else ""
+    if resolved_new and resolved_new == resolved_old:
+        return ""
+    before = (data_info or {}).get("shard_sha256") or (shard_digests(resolved_old) if resolved_old else None)
+    after = shard_digests(new) if new else None
+    if before and after and before == after:
+        return (f"data.path {old!r} -> {new!r}: accepted as the same data, the shards in {new} are those the run "
+                f"trained on ({len(after)} shard(s), the same sha256 of each in its manifest.json)")
+    return None
+
+
 def show(value: Any, width: int = 60) -> str:
     text = json.dumps(value)
     return text if len(text) <= width else f"{text[:width - 3]}..."
 
 
-def check_allow_names(names: list[str]) -> None:
-    """ConfigError for a name in ``resume.allow_changes`` that is no config key or section."""
+def fixed_message(keys: list[str]) -> str:
+    """Why ``keys`` (shape keys) cannot change on a resume."""
+    names = ", ".join(keys)
+    verb = "changes" if len(keys) == 1 else "change"
+    return (f"{names} cannot change on a resume: {'it' if len(keys) == 1 else 'they'} {verb} the shapes of the "
+            f"model's weights, which the checkpoint could then not be loaded into; resume with the run's "
+            f"value{'s' if len(keys) > 1 else ''}, or start a new run in another run_dir")
+
+
+def check_allow_names(names: list[str], method: str) -> None:
+    """ConfigError for a name in ``resume.allow_changes`` that is no config key or section, or a key that cannot
+    change on a resume of a ``method`` run (:func:`shape_keys`)."""
     keys = set(flatten(config_to_dict(PretrainConfig())))
     known = keys | {k.rsplit(".", i)[0] for k in keys for i in range(1, k.count(".") + 1)}
     for name in names:
@@ -371,6 +236,9 @@ def check_allow_names(names: list[str]) -> None:
             close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.0)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"resume.allow_changes: {name!r} is not a pretrain config key{hint}")
+    fixed = [name for name in names if name in shape_keys(method)]
+    if fixed:
+        raise ConfigError(f"resume.allow_changes={names}: {fixed_message(fixed)}")
 
 
 # ---------------------------------------------------------------------------
@@ -384,7 +252,9 @@ class RunDirectory:
     def __init__(self, path: str | os.PathLike):
         self.given = str(path)  # as configured: an empty run_dir is refused, not read as "."
         self.path = Path(path)
-        self.lock = RunLock(self.path / LOCK_FILE)
+        self.lock = OutputLock(self.path / LOCK_FILE, "pretrain", key="run_dir", target=str(self.path), say=say,
+                               harm="Two runs in one run_dir would mix their checkpoints and logs",
+                               stop_note="; it checkpoints first")
         self.checkpoint: Path | None = None  # the latest checkpoint found by open()
 
     def open(self, cfg: PretrainConfig) -> tuple[dict | None, list[dict]]:
@@ -395,8 +265,30 @@ class RunDirectory:
         self.remove_stale_temp_files()
         found = list_checkpoints(self.path / "checkpoints")
         self.checkpoint = found[-1] if found else None
-        state = load_checkpoint(self.checkpoint) if found else None
+        state = self.load(found) if found else None
         return state, self.check_resume(cfg, state)
+
+    def load(self, found: list[Path]) -> dict:
+        """The latest of ``found`` (oldest first); a DataError when it cannot be loaded.
+
+        Not a fall-back to the previous checkpoint: checkpoints are written whole (a temporary name, then a
+        rename), so a damaged latest one is no interrupted write of ours but a disk fault or a bad copy, which
+        the user should see before the run goes on; resuming from an older one silently redoes steps (and
+        under DDP every rank would have to agree on it). Deleting the file, as the message says, does it.
+        """
+        try:
+            return load_checkpoint(found[-1])
+        except CheckpointDamagedError as err:
+            path = found[-1]
+            if len(found) > 1:
+                older = f" (older ones there too: {', '.join(p.name for p in found[:-2])})" if len(found) > 2 else ""
+                then = f"the run then resumes from the previous one, {found[-2]}{older}"
+            else:
+                then = "there is no earlier checkpoint, so the run then starts again from step 0"
+            raise DataError(f"the latest checkpoint {path} cannot be loaded ({err.reason}): it is truncated, empty or "
+                            f"damaged. sslsky writes checkpoints whole (a temporary name, then a rename), so this is "
+                            f"a disk fault or a bad copy, not an interrupted write. Delete it (rm "
+                            f"{shlex.quote(str(path))}) and run the same command again: {then}") from None
 
     def close(self) -> None:
         self.lock.release()
@@ -419,29 +311,44 @@ class RunDirectory:
 
         ``state``: the latest checkpoint (None on a fresh start: nothing to compare).
         """
-        check_allow_names(cfg.resume.allow_changes)
+        run_config = state.get("config") if state is not None else None
+        method = str((run_config or {}).get("method") or cfg.method)
+        check_allow_names(cfg.resume.allow_changes, method)
         if state is None:
             return []
         step = int(state["step"])
-        if "config" not in state:
+        if run_config is None:
             say(f"{self.checkpoint} stores no config; the resume cannot be checked against the run's settings")
             return []
-        diffs = config_differences(state["config"], config_to_dict(cfg))
-        refused = [d for d in diffs if not _covers(cfg.resume.allow_changes, d[0])]
+        diffs = config_differences(run_config, config_to_dict(cfg))
+        for diff in [d for d in diffs if d[0] == "data.path"]:
+            same = same_data(str(diff[1] or ""), str(diff[2] or ""), state.get("data_info"))
+            if same is not None:  # the same folder spelt another way, or a copy of the same shards
+                diffs.remove(diff)
+                if same:
+                    say(same)
+        fixed = [key for key, _, _ in diffs if key in shape_keys(method)]
+        refused = [d for d in diffs if d[0] in fixed or not _covers(cfg.resume.allow_changes, d[0])]
         if refused:
             lines = "\n".join(f"  {key}: {show(old)} -> {show(new)}" for key, old, new in refused)
-            allow = sorted({*cfg.resume.allow_changes, *(key for key, _, _ in refused)})
+            allowable = [key for key, _, _ in refused if key not in fixed]
+            allow = sorted({*cfg.resume.allow_changes, *allowable})
             longer = ""
-            if any(key == "optim.total_steps" for key, _, _ in refused):
+            if "optim.total_steps" in allowable:
                 longer = (f"\noptim.total_steps sets the cosine learning-rate schedule, so changing it changes every "
                           f"step after {step}: to train longer (or shorter), allow it as below.")
+            if fixed:
+                longer += f"\n{fixed_message(fixed)}."
+            where = (f"Resume with the run's values (the checkpoint's config: {CONFIG_FILE} plus {CHANGES_FILE}), "
+                     f"start a new run in another run_dir")
+            if allowable:
+                where += (f", or allow the {'other ' if fixed else ''}change(s), which are then recorded in "
+                          f"{self.path / CHANGES_FILE}, by adding the override\n"
+                          f"  'resume.allow_changes=[{','.join(allow)}]'")
             raise ConfigError(
                 f"run_dir {str(self.path)!r} holds a run at step {step} ({self.checkpoint.name}) whose config "
                 f"differs from this one in {len(refused)} setting(s) that change the result:\n{lines}{longer}\n"
-                f"Resume with the run's values (the checkpoint's config: {CONFIG_FILE} plus {CHANGES_FILE}), start "
-                f"a new run in another run_dir, or allow the change(s), which are then recorded in "
-                f"{self.path / CHANGES_FILE}, by adding the override\n"
-                f"  'resume.allow_changes=[{','.join(allow)}]'")
+                f"{where}")
         if cfg.optim.total_steps < step:
             raise ConfigError(f"optim.total_steps={cfg.optim.total_steps} is below the step of the run in "
                               f"{str(self.path)!r} ({step}, {self.checkpoint.name}); give at least {step}, or "
