@@ -425,3 +425,14 @@ class OutputLock:
         raise ConfigError(f"{self.subject} is locked by {desc} (lock file {self.path}), and this host ({me}) cannot "
                           f"tell whether that run still goes: {why}. If you are sure it has stopped, remove the lock "
                           f"(rm {shlex.quote(str(self.path))}) and start again; otherwise choose another {self.key}")
+
+
+def run_evaluation_locked(command: str, function, cfg):
+    """``function(cfg, lock)`` with the lock of the evaluation's out folder (``OUT/eval.lock``), released after,
+    whatever happens (a folder the evaluation created and left empty is removed too); ``function`` acquires it
+    once it has checked the folder."""
+    lock = OutputLock(Path(cfg.out or ".") / EVAL_LOCK, command, key="out", target=cfg.out, harm=EVAL_HARM)
+    try:
+        return function(cfg, lock)
+    finally:
+        lock.release()

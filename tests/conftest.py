@@ -230,3 +230,20 @@ def tmpfs(folder: Path, options: str):
     finally:
         if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def untrained_encoder(path: Path, cutout: int = 16, crop: int = 12) -> Path:
+    """An sslsky ``encoder.pt`` of a seeded, untrained ResNet-18 for 5-band cutouts of ``cutout`` px cropped to
+    ``crop`` px (the tiny surveys of :func:`make_survey`): embed and search tests without a pretraining."""
+    import torch
+
+    from sslsky.config import AugmentConfig, config_to_dict
+    from sslsky.models.encoders import build_encoder
+
+    augment = AugmentConfig()
+    augment.geometry.cutout_size, augment.geometry.crop_size = cutout, crop
+    torch.manual_seed(0)
+    torch.save({"format": "sslsky-encoder-v1", "encoder": build_encoder("resnet18", 5, "hayat").state_dict(),
+                "arch": "resnet18", "stem": "hayat", "survey": "sdss", "bands": list("ugriz"), "stats": {},
+                "augment": config_to_dict(augment)}, path)
+    return path

@@ -30,13 +30,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
-from conftest import REPO, make_survey, pack_args, tmpfs
+from conftest import REPO, make_survey, pack_args, tmpfs, untrained_encoder
 
 from sslsky.cli import main
-from sslsky.config import AugmentConfig, config_to_dict
 from sslsky.eval.similarity import EMBEDDINGS_FORMAT, Embeddings, evaluate_retrieval, stale_files, topk_cosine
-from sslsky.models.encoders import build_encoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,13 +47,7 @@ def tiny(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("faults_search")
     catalog = make_survey(root / "survey", n=N)
     assert main(pack_args(catalog, root / "packed", "--shard-size", "16")) == 0
-    augment = AugmentConfig()
-    augment.geometry.cutout_size, augment.geometry.crop_size = 16, 12
-    torch.manual_seed(0)
-    encoder = build_encoder("resnet18", 5, "hayat")
-    ckpt = root / "encoder.pt"
-    torch.save({"format": "sslsky-encoder-v1", "encoder": encoder.state_dict(), "arch": "resnet18", "stem": "hayat",
-                "survey": "sdss", "bands": list("ugriz"), "stats": {}, "augment": config_to_dict(augment)}, ckpt)
+    ckpt = untrained_encoder(root / "encoder.pt")
     emb = root / "emb.h5"
     assert main(embed_args(ckpt, root / "packed", emb)) == 0
     return {"root": root, "data": root / "packed", "ckpt": ckpt, "emb": emb}

@@ -20,16 +20,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
-from conftest import REPO, make_survey, pack_args
+from conftest import REPO, make_survey, pack_args, untrained_encoder
 
 from sslsky import locks
 from sslsky.cli import main
-from sslsky.config import AugmentConfig, config_to_dict
 from sslsky.data.schema import MANIFEST_NAME
 from sslsky.eval.similarity import stale_files
 from sslsky.locks import EVAL_LOCK, OutputLock, lock_next_to
-from sslsky.models.encoders import build_encoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -166,13 +163,7 @@ def work(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("locks")
     catalog = make_survey(root / "survey", n=N)
     assert main(pack_args(catalog, root / "solo", "--shard-size", "16")) == 0
-    augment = AugmentConfig()
-    augment.geometry.cutout_size, augment.geometry.crop_size = 16, 12
-    torch.manual_seed(0)
-    ckpt = root / "encoder.pt"
-    torch.save({"format": "sslsky-encoder-v1", "encoder": build_encoder("resnet18", 5, "hayat").state_dict(),
-                "arch": "resnet18", "stem": "hayat", "survey": "sdss", "bands": list("ugriz"), "stats": {},
-                "augment": config_to_dict(augment)}, ckpt)
+    ckpt = untrained_encoder(root / "encoder.pt")
     return {"root": root, "catalog": catalog, "solo": root / "solo", "ckpt": ckpt}
 
 

@@ -79,7 +79,7 @@ from sslsky.data.votes import MORPH_CLASSES, VoteSchema, class_names
 from sslsky.eval.clustering import cluster_metrics, kmeans_clusters
 from sslsky.eval.metrics import classification_metrics, small_test_warnings, small_train_warnings
 from sslsky.eval.photoz import write_predictions
-from sslsky.locks import EVAL_HARM, EVAL_LOCK, OutputLock
+from sslsky.locks import OutputLock, run_evaluation_locked
 from sslsky.losses import dirichlet_multinomial_nll
 from sslsky.models.byol import CONCENTRATION_MIN, CONCENTRATION_RANGE
 from sslsky.models.heads import init_prior
@@ -427,11 +427,7 @@ def run_morph(cfg: EvalMorphConfig) -> dict:
     """Train (or kNN) and score a morphology classifier (or vote-fraction model) as configured; returns the
     metrics (module docstring). One evaluation at a time per out folder: ``OUT/eval.lock`` is held from the
     check of the folder to the end; a second one is refused (ConfigError naming the holder)."""
-    lock = OutputLock(Path(cfg.out or ".") / EVAL_LOCK, "eval-morph", key="out", target=cfg.out, harm=EVAL_HARM)
-    try:
-        return _run_morph(cfg, lock)
-    finally:
-        lock.release()  # a folder this evaluation created and left empty is removed too
+    return run_evaluation_locked("eval-morph", _run_morph, cfg)
 
 
 def _run_morph(cfg: EvalMorphConfig, lock: OutputLock) -> dict:

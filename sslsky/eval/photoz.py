@@ -54,7 +54,7 @@ from sslsky.eval.metrics import (
     small_test_warnings,
     small_train_warnings,
 )
-from sslsky.locks import EVAL_HARM, EVAL_LOCK, OutputLock
+from sslsky.locks import OutputLock, run_evaluation_locked
 from sslsky.outputs import atomic_output, output_dir
 from sslsky.train.finetune import (
     METRICS_FILE,
@@ -91,11 +91,7 @@ def run_specz(cfg: EvalSpeczConfig) -> dict:
 
     One evaluation at a time per out folder: ``OUT/eval.lock`` is held from the check of the folder to the end; a
     second one is refused (ConfigError naming the holder)."""
-    lock = OutputLock(Path(cfg.out or ".") / EVAL_LOCK, "eval-specz", key="out", target=cfg.out, harm=EVAL_HARM)
-    try:
-        return _run_specz(cfg, lock)
-    finally:
-        lock.release()  # a folder this evaluation created and left empty is removed too
+    return run_evaluation_locked("eval-specz", _run_specz, cfg)
 
 
 def _run_specz(cfg: EvalSpeczConfig, lock: OutputLock) -> dict:
