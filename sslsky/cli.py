@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from sslsky.config import MockConfig, PackConfig, PretrainConfig, load_config
@@ -238,8 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{_order_hint(unknown)}")
     args.argv = argv  # what was asked for, recorded next to outputs (e.g. the run's command.txt)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # pretrain puts its own (checkpointing) handler over it
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print(f"sslsky {args.command}: stopped by SIGTERM (scancel, a time limit, kill); its lock and temporary "
+              f"files are removed: run the same command again to redo or continue it", file=sys.stderr)
+        return 143
     except ConfigError as err:
         print(f"sslsky {args.command}: config error: {err}", file=sys.stderr)
         return 2
@@ -256,6 +262,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sslsky {args.command}: {err if isinstance(err, DiskFullError) else err.strerror or err}",
               file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM outside pretraining: unwinds like Ctrl-C, so that locks are released and temporary files removed
+    (``finally`` blocks and :func:`sslsky.outputs.atomic_output` run)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
 
 
 def _order_hint(unknown: list[str]) -> str:

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sslsky.errors import ConfigError, DiskFullError, is_no_space
+from sslsky.outputs import refuse_other_runs
 
 #: SLURM job states after which a job no longer runs (anything else, PENDING included, holds the lock).
 FINISHED_JOB_STATES = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
@@ -125,7 +126,7 @@ def missing_folders(folder: str | os.PathLike) -> list[Path]:
 def lock_next_to(output: str | os.PathLike) -> Path:
     """The lock of an output file or folder kept beside it, ``.NAME.lock`` in its folder: the lock of ``sslsky
     embed --out`` (a file) and ``sslsky pack --out`` (a folder that holds the pack and nothing else)."""
-    path = Path(os.path.abspath(output))
+    path = Path(os.path.realpath(output))  # a link and its target share one lock
     return path.parent / f".{path.name}.lock"
 
 
@@ -431,6 +432,7 @@ def run_evaluation_locked(command: str, function, cfg):
     """``function(cfg, lock)`` with the lock of the evaluation's out folder (``OUT/eval.lock``), released after,
     whatever happens (a folder the evaluation created and left empty is removed too); ``function`` acquires it
     once it has checked the folder."""
+    refuse_other_runs(cfg.out or ".", "evaluation", "out")
     lock = OutputLock(Path(cfg.out or ".") / EVAL_LOCK, command, key="out", target=cfg.out, harm=EVAL_HARM)
     try:
         return function(cfg, lock)

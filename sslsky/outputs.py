@@ -197,3 +197,22 @@ def new_hdf5(tmp: Path, final: Path, what: str, **options):
         if isinstance(failed, OSError) and is_no_space(failed):
             raise DiskFullError(Path(final).absolute(), what) from None
         raise
+
+
+#: Files that mark a folder as the output of one kind of run (pretraining's run directory, an evaluation's out).
+RUN_MARKERS = {
+    "pretraining": ("checkpoints", "metrics.jsonl", "pretrain.lock", "encoder.pt"),
+    "evaluation": ("metrics.json", "predictions.h5", "eval.lock", "metrics.prior_only.json"),
+}
+
+
+def refuse_other_runs(folder: str | os.PathLike, kind: str, key: str) -> None:
+    """ConfigError when ``folder`` holds the output of another kind of run than ``kind`` (:data:`RUN_MARKERS`):
+    an evaluation writing its config.yaml into a pretraining run directory (or the reverse) would mix two runs."""
+    folder = Path(folder)
+    for other, markers in RUN_MARKERS.items():
+        found = [name for name in markers if other != kind and (folder / name).exists()]
+        if found:
+            article = "an" if other[0] in "aeiou" else "a"
+            raise ConfigError(f"{key}={str(folder)!r} holds {article} {other} run ({', '.join(found)}): writing {kind} "
+                              f"outputs there would overwrite its config.yaml and mix the two; choose another {key}")

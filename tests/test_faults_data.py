@@ -209,6 +209,19 @@ def test_a_truncated_or_foreign_manifest_is_a_data_error(work, master, capsys):
     assert main(["verify", str(work / "packed")]) == 0
 
 
+def test_swapped_shards_of_equal_size_are_named(work, capsys):
+    """Two shards of one pack with the same size and rows, swapped by name: readers refuse them at open (the pack
+    key of each file against its manifest entry), before any image is read."""
+    first, second = shard(work, 0), shard(work, 1)
+    assert first.stat().st_size == second.stat().st_size
+    swap = first.with_name("swap.h5")
+    first.rename(swap)
+    second.rename(first)
+    swap.rename(second)
+    with pytest.raises(DataError, match="is not the shard its manifest entry describes"):
+        ShardDataset(work / "packed")
+
+
 def test_a_manifest_that_disagrees_with_a_shard_is_named(work, capsys):
     manifest_path = work / "packed" / MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text())

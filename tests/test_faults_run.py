@@ -356,6 +356,25 @@ def test_the_same_data_spelt_otherwise_or_copied_is_no_change(packed_mock, resum
     assert "data.path: " in capsys.readouterr().err
 
 
+def test_the_same_folder_packed_again_is_other_data(packed_mock, tmp_path, capsys):
+    """data.path unchanged, but the folder was packed again since the checkpoint (here: its shard digests
+    changed): the resume is refused like any change of the data, unless resume.allow_changes names it."""
+    data, run_dir = tmp_path / "packed", tmp_path / "run"
+    shutil.copytree(packed_mock, data)
+    short = ("optim.total_steps=4", "checkpoint_every=2", "val_every=0")
+    assert main(tiny_pretrain_args(data, run_dir, *short)) == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = "f" * 64  # what another pack into the same folder leaves
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    longer = ("optim.total_steps=6", "resume.allow_changes=[optim.total_steps]")
+    assert main(tiny_pretrain_args(data, run_dir, *short, *longer)) == 2
+    err = capsys.readouterr().err
+    assert "packed again since: other shards" in err and "data.path" in err
+    assert main(tiny_pretrain_args(data, run_dir, *short, "optim.total_steps=6",
+                                   "resume.allow_changes=[optim.total_steps,data.path]")) == 0
+    assert "data.path" in (run_dir / "changes.jsonl").read_text()
+
+
 def test_ctrl_c_and_kills_then_resume_end_bit_identical(reference, packed_mock, tmp_path):
     """Ctrl-C once (checkpoint), SIGKILL, Ctrl-C twice (stop at once), SIGKILL, then a resume to the end.
 

@@ -415,3 +415,23 @@ def test_inputs_the_checks_must_not_refuse(tiny, tmp_path, capsys):
     assert (tmp_path / "grid.png").is_file() and "skipped" not in capsys.readouterr().err
     with h5py.File(path, "r") as handle:
         assert handle.attrs["format"] == EMBEDDINGS_FORMAT
+
+
+def test_a_file_that_does_not_say_it_is_normalised_is_searched_by_cosine(tiny, tmp_path, capsys):
+    """Rows of any norm in a file without ``normalized``: the scores printed are cosines (never above 1) and the
+    neighbours those of the normalised rows; a zero query is refused."""
+    path = tmp_path / "raw.h5"
+    shutil.copy(tiny["emb"], path)
+    rng = np.random.default_rng(1)
+    with h5py.File(path, "a") as handle:
+        del handle.attrs["normalized"]
+        unit, ids = handle["embeddings"][()], handle["object_id"][()]
+        handle["embeddings"][...] = unit * rng.uniform(0.5, 5.0, (len(unit), 1)).astype(np.float32)
+        handle["embeddings"][4] = np.zeros(unit.shape[1], np.float32)
+    reference = unit.copy()
+    reference[4] = np.nan
+    assert main(["search", "--embeddings", str(path), "--query", str(ids[0]), "--k", "5"]) == 0
+    found, cosines = neighbour_table(capsys.readouterr().out)
+    assert found == ids[brute_force(reference, 0, 5)[0]].tolist() and max(cosines) <= 1.0 + 1e-5
+    assert main(["search", "--embeddings", str(path), "--query", str(ids[4])]) == 2
+    assert "not a unit vector" in capsys.readouterr().err

@@ -254,3 +254,59 @@ def test_temp_files_of_a_lock_creation_killed_half_way_go_once_old(tmp_path):
     lock = OutputLock(path, "pack").acquire()
     assert not old.exists() and young.exists()  # a young one may be a live creation's
     lock.release()
+
+
+def test_a_link_and_its_target_share_one_lock(tmp_path):
+    target = tmp_path / "packed"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert lock_next_to(link) == lock_next_to(target) == tmp_path / ".packed.lock"
+
+
+def test_sigterm_releases_the_lock_and_temporary_files(work):
+    """SIGTERM (scancel, a time limit, the `kill PID` a refusal suggests) of a pack: exit 143 with a message, no
+    lock and no temporary file left, the finished shards kept; the same command then completes the pack."""
+    out = work["root"] / "terminated"
+    args = pack_args(work["catalog"], out, "--shard-size", "8")
+    env = dict(os.environ, OMP_NUM_THREADS="1", SSLSKY_PACK_SLEEP_PER_CUTOUT="0.05")
+    proc = subprocess.Popen([sys.executable, "-m", "sslsky", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not list(out.glob("shard-*.h5")):  # one shard finished, the next being written
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143 and "stopped by SIGTERM" in text and "Traceback" not in text, text
+    assert not lock_next_to(out).exists() and not [p for p in out.iterdir() if ".tmp" in p.name]
+    assert main(args) == 0 and not lock_next_to(out).exists()
+
+
+def test_an_evaluation_and_a_pretraining_never_share_a_folder(work, tmp_path, capsys):
+    """eval-morph with out= a pretraining run directory (or the reverse) would overwrite its config.yaml."""
+    from sslsky.outputs import refuse_other_runs
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("the run's\n")
+    args = ["eval-morph", "--config", str(REPO / "config" / "eval_morph.yaml"), f"data.path={work['solo']}",
+            f"out={run_dir}", f"ckpt={work['ckpt']}", "protocol=knn", "device=cpu", "progress=false"]
+    assert main(args) == 2
+    assert "holds a pretraining run (checkpoints)" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_text() == "the run's\n" and not (run_dir / "eval.lock").exists()
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text("{}")
+    with pytest.raises(locks.ConfigError, match="holds an evaluation run"):
+        refuse_other_runs(evaluation, "pretraining", "run_dir")
+
+
+def test_a_pack_into_a_folder_of_other_files_is_refused(work, capsys):
+    """pack --out pointing at the mock survey's own folder: its catalog, cutouts and config.yaml stay as they were."""
+    survey = work["catalog"].parent
+    before = sorted(p.name for p in survey.iterdir())
+    assert main(pack_args(work["catalog"], survey)) == 2
+    err = capsys.readouterr().err
+    assert "holds files that are not a pack (catalog.fits" in err and "Traceback" not in err
+    assert sorted(p.name for p in survey.iterdir()) == before

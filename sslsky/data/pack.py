@@ -57,6 +57,7 @@ can kill a pack half-way. It changes nothing that is written.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import hashlib
 import io
 import json
@@ -98,7 +99,7 @@ from sslsky.data.schema import (
 )
 from sslsky.data.verify import check_shard, file_sha256, row_sum32
 from sslsky.errors import DataError, DiskFullError, is_no_space
-from sslsky.locks import OutputLock, lock_next_to
+from sslsky.locks import OutputLock, lock_next_to, pid_alive
 from sslsky.outputs import new_hdf5, output_dir
 from sslsky.parallel import get_comm, split_evenly
 from sslsky.surveys import SURVEYS, get_survey
@@ -176,6 +177,25 @@ def check_config(cfg: PackConfig) -> None:
     if cfg.dtype == "float16" and abs(cfg.fill_value) > np.finfo(np.float16).max:
         raise ConfigError(f"fill_value={cfg.fill_value} does not fit in float16")
     output_dir(cfg.out, "--out", create=False)  # a file, a read-only file system: a message before any work
+    foreign = foreign_files(Path(cfg.out))
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"--out={cfg.out!r} holds files that are not a pack ({listed}): a pack folder holds the "
+                          f"pack and nothing else, and packing there would replace or delete them; choose an empty "
+                          f"or new --out (or the folder of an earlier pack)")
+
+
+#: What a pack folder may hold besides its shards: everything else means --out names someone else's folder.
+PACK_FILES = (MANIFEST_NAME, REJECTED_NAME, "config.yaml")
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Names in ``out`` that no pack writes (shards, manifest, rejected.csv, config.yaml, their hidden temporary
+    files); [] for a missing or empty folder or an earlier pack."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir()
+                  if not (fnmatch.fnmatch(p.name, SHARD_GLOB) or p.name in PACK_FILES or p.name.startswith(".")))
 
 
 def _survey_of(bands: str, header_survey: str) -> str:
@@ -641,19 +661,7 @@ def _write_atomic(path: Path, text: str, what: str = "file") -> None:
 
 
 #: Temporary files a pack writes in its output folder (``.NAME.tmpPID``): shards, manifest, rejected.csv, config.
-TEMP_FILE = re.compile(r"^\.(shard-.*\.h5|" + "|".join(re.escape(name) for name in
-                                                      (MANIFEST_NAME, REJECTED_NAME, "config.yaml")) + r")\.tmp(\d+)$")
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (a pid another user owns counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+TEMP_FILE = re.compile(r"^\.(shard-.*\.h5|" + "|".join(re.escape(name) for name in PACK_FILES) + r")\.tmp(\d+)$")
 
 
 def remove_stale_temps(out: Path) -> list[str]:
@@ -668,7 +676,7 @@ def remove_stale_temps(out: Path) -> list[str]:
         if match is None or not path.is_file():
             continue
         pid = int(match.group(2))
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         try:
             path.unlink()

@@ -53,6 +53,7 @@ from sslsky.data.schema import (
     IMAGE_SUM_DATASET,
     LEGACY_LAYOUT,
     OPTIONAL_COLUMNS,
+    PACK_KEY_ATTR,
     PER_BAND_COLUMNS,
     VOTES_COLUMNS_ATTR,
     VOTES_DATASET,
@@ -185,6 +186,11 @@ def index_shards(source: str | os.PathLike) -> ShardIndex:
             try:
                 n = handle["images"].shape[0]
                 _check_entry(path, entry, n, folder)
+                key = handle.attrs.get(PACK_KEY_ATTR)
+                key = key.decode() if isinstance(key, bytes) else key
+                if entry.get("pack_key") and key is not None and key != entry["pack_key"]:  # swapped or replaced
+                    raise DataError(f"shard {path} is not the shard its manifest entry describes (another pack key: "
+                                    f"renamed, swapped or copied in from another pack); {repack_hint(folder)}")
                 for name, values in _read_columns(handle, {c: c for c in ITEM_COLUMNS}, n, str(path)).items():
                     parts[name].append(values)
                 for name in PER_BAND_COLUMNS:  # the image's own PSF and noise, (N, C), when the shards carry them

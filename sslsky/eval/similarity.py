@@ -122,6 +122,17 @@ def _chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 UNIT_NORM_TOLERANCE = 1e-2
 
 
+def _as_unit(vectors: np.ndarray, normalized: bool) -> np.ndarray:
+    """``vectors`` (N, F) as stored when the file says they are normalised, else divided by their norms (a zero
+    row stays zero, so that it is not usable)."""
+    if normalized:
+        return vectors
+    vectors = np.asarray(vectors, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return np.where(norms > 0, vectors / np.where(norms > 0, norms, 1), 0.0)
+
+
 def usable_rows(vectors, unit_norm: bool = False):
     """(N,) bool of the rows of ``vectors`` (N, F), NumPy or torch, that can be searched: finite, and with
     ``unit_norm`` of norm 1 within :data:`UNIT_NORM_TOLERANCE`."""
@@ -139,7 +150,8 @@ def usable_rows(vectors, unit_norm: bool = False):
 @torch.no_grad()
 def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None, query_batch: int = 1024,
                 device: str | torch.device = "cpu", progress: bool = False,
-                skipped: set[int] | None = None, unit_norm: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                skipped: set[int] | None = None, unit_norm: bool = False,
+                cosine: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` inner products of ``queries`` against ``database``, chunk by chunk.
 
     For L2-normalised vectors the inner product is the cosine similarity. The database is read once,
@@ -155,6 +167,8 @@ def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None
         skipped: optional set to which the database rows skipped as unusable are added.
         unit_norm: the rows are meant to be L2-normalised (an embeddings file): others are skipped, and such a
             query is a ValueError.
+        cosine: L2-normalise queries and rows here (a file that does not say its rows are normalised), so the
+            scores are cosines whatever the norms; zero rows are skipped.
     Returns:
         ``(scores, rows)``, each ``(Q, k)``: float32 similarities in descending order and the int64
         database rows; equal scores are ordered by row, whatever the chunk size. An
@@ -164,7 +178,9 @@ def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None
     n, n_query = int(database.shape[0]), queries.shape[0]
     if chunk_size < 1 or query_batch < 1:
         raise ValueError(f"chunk_size={chunk_size} and query_batch={query_batch} must be >= 1")
-    finite_queries = usable_rows(queries, unit_norm)
+    if cosine:
+        queries = torch.nn.functional.normalize(queries, dim=1)
+    finite_queries = usable_rows(queries, unit_norm or cosine)
     if not bool(finite_queries.all()):
         raise ValueError(f"queries {(~finite_queries).nonzero().squeeze(1)[:5].tolist()} hold NaN or inf"
                          + (" or are not unit vectors" if unit_norm else ""))
@@ -186,7 +202,9 @@ def topk_cosine(queries, database, k: int, chunk_size: int = 65536, exclude=None
     n_skipped = 0
     for start in starts:
         block = torch.from_numpy(np.asarray(database[start:start + chunk_size], dtype=np.float32)).to(device)  # (c, F)
-        bad = (~usable_rows(block, unit_norm)).nonzero().squeeze(1)  # (b,) unusable rows of the chunk
+        if cosine:
+            block = torch.nn.functional.normalize(block, dim=1)  # a zero row stays zero: skipped below
+        bad = (~usable_rows(block, unit_norm or cosine)).nonzero().squeeze(1)  # (b,) unusable rows of the chunk
         if bad.numel():
             n_skipped += bad.numel()
             if skipped is not None:
@@ -792,7 +810,7 @@ def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, qu
         q = queries[start:start + block]  # increasing rows
         contiguous = q[-1] - q[0] + 1 == q.size
         vectors = np.asarray(emb.vectors[q[0]:q[-1] + 1] if contiguous else emb.vectors[q])  # (q, F)
-        ok = usable_rows(vectors, emb.normalized)
+        ok = usable_rows(_as_unit(vectors, emb.normalized), True)
         valid[start:start + q.size] = ok
         skipped.update(q[~ok].tolist())
         if not ok.any():
@@ -801,7 +819,7 @@ def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, qu
         try:
             similarity[at], neighbours[at] = topk_cosine(vectors[ok], emb.vectors, k, chunk_size, exclude=q[ok],
                                                          query_batch=query_batch, device=device, skipped=skipped,
-                                                         unit_norm=emb.normalized)
+                                                         unit_norm=emb.normalized, cosine=not emb.normalized)
         except EmbeddingsError as err:
             raise EmbeddingsError(f"{emb.path}: {err}") from None
     queries, neighbours, similarity = queries[valid], neighbours[valid], similarity[valid]
@@ -896,7 +914,7 @@ def search(emb: Embeddings, object_id: int | str, cfg: SearchConfig,
     """
     row = emb.rows_of([object_id])
     query = np.asarray(emb.vectors[int(row[0]):int(row[0]) + 1], dtype=np.float32)  # (1, F)
-    if not usable_rows(query, emb.normalized).all():
+    if not usable_rows(_as_unit(query, emb.normalized), True).all():
         what = "a non-finite embedding (NaN/inf)" if not np.isfinite(query).all() else \
             f"an embedding of norm {float(np.linalg.norm(query)):.3g}, not a unit vector"
         raise EmbeddingsError(f"object_id {object_id} (row {int(row[0])}) has {what} in "
@@ -909,7 +927,8 @@ def search(emb: Embeddings, object_id: int | str, cfg: SearchConfig,
                                       ef_search=cfg.faiss_ef_search, chunk_size=cfg.chunk_size, skipped=skipped)
         else:
             scores, rows = topk_cosine(query, emb.vectors, cfg.k, cfg.chunk_size, exclude=row,
-                                       device=_device(cfg.device), skipped=skipped, unit_norm=emb.normalized)
+                                       device=_device(cfg.device), skipped=skipped, unit_norm=emb.normalized,
+                                       cosine=not emb.normalized)
     except EmbeddingsError as err:
         raise EmbeddingsError(f"{emb.path}: {err}") from None
     return scores[0], rows[0], int(row[0])

@@ -49,7 +49,7 @@ from sslsky.config import PretrainConfig, config_to_dict
 from sslsky.data.schema import MANIFEST_NAME
 from sslsky.errors import ConfigError, DataError, DiskFullError, is_no_space
 from sslsky.locks import OutputLock
-from sslsky.outputs import output_dir
+from sslsky.outputs import output_dir, refuse_other_runs
 from sslsky.train import dist
 from sslsky.train.checkpoint import CheckpointDamagedError, list_checkpoints, load_checkpoint
 
@@ -196,16 +196,19 @@ def data_identity(path: str | os.PathLike) -> dict:
 
 def same_data(old: str, new: str, data_info: dict | None) -> str | None:
     """Whether ``data.path`` ``old`` (the run's) and ``new`` name the same data: '' for the same folder (spelt
-    another way: relative or absolute, a trailing slash, a link), a sentence for a copy of the same shards
-    (same sha256 list in manifest.json), None for other data. ``data_info``: the checkpoint's record of the run's
-    data (:func:`data_identity`; older checkpoints have none: ``old`` is then resolved here)."""
+    another way: relative or absolute, a trailing slash, a link) holding the same shards, a sentence for a copy
+    of the same shards elsewhere (same sha256 list in manifest.json), None for other data -- also in the same
+    folder, packed again (another dtype, another catalog) since the checkpoint. ``data_info``: the checkpoint's
+    record of the run's data (:func:`data_identity`; older checkpoints have none: ``old`` is then resolved
+    here and only the folder can be compared)."""
     recorded = (data_info or {}).get("path") or ""
     resolved_old = recorded or (os.path.realpath(old) if old else "")
     resolved_new = os.path.realpath(new) if new else ""
-    if resolved_new and resolved_new == resolved_old:
-        return ""
-    before = (data_info or {}).get("shard_sha256") or (shard_digests(resolved_old) if resolved_old else None)
+    trained_on = (data_info or {}).get("shard_sha256")
     after = shard_digests(new) if new else None
+    if resolved_new and resolved_new == resolved_old:
+        return "" if not trained_on or trained_on == after else None
+    before = trained_on or (shard_digests(resolved_old) if resolved_old else None)
     if before and after and before == after:
         return (f"data.path {old!r} -> {new!r}: accepted as the same data, the shards in {new} are those the run "
                 f"trained on ({len(after)} shard(s), the same sha256 of each in its manifest.json)")
@@ -261,6 +264,7 @@ class RunDirectory:
         """Check the folder is writable, take the lock, remove stale temp files, check a resume: the latest
         checkpoint (None on a fresh start) and the allowed config changes (:meth:`check_resume`)."""
         output_dir(self.given, "run_dir")
+        refuse_other_runs(self.given, "pretraining", "run_dir")
         self.lock.acquire()
         self.remove_stale_temp_files()
         found = list_checkpoints(self.path / "checkpoints")
@@ -327,6 +331,10 @@ class RunDirectory:
                 diffs.remove(diff)
                 if same:
                     say(same)
+        if not any(d[0] == "data.path" for d in diffs) and cfg.data.path and \
+                same_data(cfg.data.path, cfg.data.path, state.get("data_info")) is None:
+            # the same folder, packed again since (another dtype, catalog or config): other data under one name
+            diffs.append(("data.path", "the shards the run trained on", "packed again since: other shards"))
         fixed = [key for key, _, _ in diffs if key in shape_keys(method)]
         refused = [d for d in diffs if d[0] in fixed or not _covers(cfg.resume.allow_changes, d[0])]
         if refused:
