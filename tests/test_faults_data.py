@@ -574,3 +574,9 @@ def test_a_pack_whose_statistics_sample_was_all_rejected_writes_no_manifest(work
     text = capsys.readouterr().err
     assert "data error: none of the 1 cutout(s) sampled for the per-band statistics could be packed" in text, text
     assert not (out / MANIFEST_NAME).exists()
+
+
+def test_verify_of_a_folder_that_is_no_pack_says_so(tmp_path, capsys):
+    assert main(["verify", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a pack" in err and "DAMAGED" not in err

@@ -338,14 +338,19 @@ def run_verify(source: str | os.PathLike, stream=None) -> int:
         print(f"sslsky verify: {source} does not exist; give a folder written by `sslsky pack` (with "
               f"{MANIFEST_NAME}) or one shard file", file=sys.stderr, flush=True)
         return 2
+    if source.is_dir() and not (source / MANIFEST_NAME).exists() and not any(source.glob(SHARD_GLOB)):
+        print(f"sslsky verify: {source} is not a pack (no {MANIFEST_NAME}, no shards); make one with `sslsky pack "
+              f"--catalog CAT --out {source}`", file=sys.stderr, flush=True)
+        return 2
     checked: dict = {}
     problems = verify_pack(source, checked)
     for path, what in problems:
         print(f"sslsky verify: DAMAGED {path}: {what}", file=sys.stderr, flush=True)
     if problems:
         damaged = len({path for path, _ in problems})
+        folder = source.parent if source.is_file() else source
         print(f"sslsky verify: {damaged} damaged file(s) in {source}. Fix: run `sslsky pack` again with the same "
-              f"--catalog and --out {source} (and the same options); it rewrites exactly the damaged shards and the "
+              f"--catalog and --out {folder} (and the same options); it rewrites exactly the damaged shards and the "
               f"manifest", file=sys.stderr, flush=True)
         return 2
     if source.is_file():

@@ -291,8 +291,9 @@ class RunDirectory:
                 then = "there is no earlier checkpoint, so the run then starts again from step 0"
             raise DataError(f"the latest checkpoint {path} cannot be loaded ({err.reason}): it is truncated, empty or "
                             f"damaged. sslsky writes checkpoints whole (a temporary name, then a rename), so this is "
-                            f"a disk fault or a bad copy, not an interrupted write. Delete it (rm "
-                            f"{shlex.quote(str(path))}) and run the same command again: {then}") from None
+                            f"a disk fault or a bad copy, not an interrupted write. Delete it "
+                            f"(rm {'-r ' if path.is_dir() else ''}{shlex.quote(str(path))}) and run the same command "
+                            f"again: {then}") from None
 
     def close(self) -> None:
         self.lock.release()
