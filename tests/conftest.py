@@ -177,6 +177,17 @@ def tiny_pretrain_args(packed: Path, run_dir: Path, *overrides: str) -> list[str
             "checkpoint_every=5", "val_every=8", "log_every=2", "progress=false", *overrides]
 
 
+@pytest.fixture(scope="session")
+def encoder_path(packed_mock, tmp_path_factory) -> Path:
+    """encoder.pt of a 6-step tiny pretraining on :func:`packed_mock`, shared by the evaluation tests (the run is
+    deterministic, so one serves them all)."""
+    from sslsky.cli import main
+
+    run_dir = tmp_path_factory.mktemp("tiny_encoder")
+    assert main(tiny_pretrain_args(packed_mock, run_dir, "optim.total_steps=6", "val_every=0")) == 0
+    return run_dir / "encoder.pt"
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny forwards: one torch thread avoids OpenMP threads waiting on each other when the 2 cores are busy.

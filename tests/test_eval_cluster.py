@@ -11,7 +11,7 @@ import math
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, tiny_pretrain_args
+from conftest import REPO
 
 from sslsky.cli import main
 from sslsky.config import SweepConfig, load_config
@@ -80,13 +80,6 @@ def test_kmeans_finds_separated_classes_whatever_the_feature_norm():
     np.testing.assert_array_equal(clusters, again)
     with pytest.raises(ValueError, match="at least 5 rows"):
         kmeans_clusters(features[:3], 5)
-
-
-@pytest.fixture(scope="module")
-def encoder_path(packed_mock, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("cluster_pretrain")
-    assert main(tiny_pretrain_args(packed_mock, run_dir, "optim.total_steps=4", "val_every=0")) == 0
-    return run_dir / "encoder.pt"
 
 
 def test_eval_morph_cluster_writes_its_scores(packed_mock, encoder_path, tmp_path, capsys):

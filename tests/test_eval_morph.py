@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_pretrain_args
+from conftest import REPO
 
 import sslsky.eval.morphology as morphology
 from sslsky.cli import main
@@ -20,13 +20,6 @@ from sslsky.data.votes import MORPH_CLASSES
 from sslsky.eval.encoders import load_encoder
 
 TASK_KEYS = ("n_train_labels", "protocol", "label_fraction", "seed", "accuracy", "macro_f1", "recall")
-
-
-@pytest.fixture(scope="module")
-def encoder_path(packed_mock, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("eval_morph_pretrain")
-    assert main(tiny_pretrain_args(packed_mock, run_dir, "optim.total_steps=6", "val_every=0")) == 0
-    return run_dir / "encoder.pt"
 
 
 def morph_args(packed, out, *overrides: str) -> list[str]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, tiny_pretrain_args
+from conftest import REPO
 
 import sslsky.eval.photoz as photoz
 import sslsky.train.finetune as finetune
@@ -25,13 +25,6 @@ from sslsky.surveys import SURVEYS
 
 TASK_KEYS = ("n_train_labels", "protocol", "label_fraction", "seed", "sigma_mad", "bias", "eta", "bin_accuracy",
              "crps")
-
-
-@pytest.fixture(scope="module")
-def encoder_path(packed_mock, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("eval_photoz_pretrain")
-    assert main(tiny_pretrain_args(packed_mock, run_dir, "optim.total_steps=6", "val_every=0")) == 0
-    return run_dir / "encoder.pt"
 
 
 def tiny(packed, out, *overrides: str) -> list[str]:

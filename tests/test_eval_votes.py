@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_pretrain_args
+from conftest import REPO
 from scipy.special import gammaln
 
 from sslsky.cli import main
@@ -146,13 +146,6 @@ def test_the_vote_head_starts_at_the_train_mean_fractions():
 # ---------------------------------------------------------------------------
 # End to end on the packed mock.
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def encoder_path(packed_mock, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("eval_votes_pretrain")
-    assert main(tiny_pretrain_args(packed_mock, run_dir, "optim.total_steps=6", "val_every=0")) == 0
-    return run_dir / "encoder.pt"
 
 
 def votes_args(packed, out, *overrides: str) -> list[str]:

@@ -25,13 +25,6 @@ from sslsky.train.checkpoint import load_checkpoint
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def encoder_path(packed_mock, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("finetune_pretrain")
-    assert main(tiny_pretrain_args(packed_mock, run_dir, "optim.total_steps=6", "val_every=0")) == 0
-    return run_dir / "encoder.pt"
-
-
 def morph_args(packed, out, *overrides: str) -> list[str]:
     return ["eval-morph", "--config", str(REPO / "config" / "eval_morph.yaml"), f"data.path={packed}", f"out={out}",
             "data.batch_size=32", "data.num_workers=0", "optim.epochs=2", "optim.patience=0", "device=cpu",

@@ -39,6 +39,12 @@ MIN_TEST_GALAXIES = 20
 MIN_TRAIN_GALAXIES = 20
 
 
+def _absent_classes(have, lack, class_names=None) -> list[str]:
+    """Names (``class_names``, else the index) of the classes in ``have`` that ``lack`` does not hold."""
+    missing = sorted(set(np.asarray(have).tolist()) - set(np.asarray(lack).tolist()))
+    return [str(class_names[c]) if class_names is not None else str(c) for c in missing]
+
+
 def small_test_warnings(n_test: int, train_labels=None, test_labels=None, class_names=None) -> list[str]:
     """Why a test split is too small to mean anything; [] when it is not.
 
@@ -50,12 +56,11 @@ def small_test_warnings(n_test: int, train_labels=None, test_labels=None, class_
     if n_test < MIN_TEST_GALAXIES:
         out.append(f"only {n_test} labelled test galaxies (fewer than {MIN_TEST_GALAXIES}): the metrics are noise, "
                    f"not a result; evaluate on more data (a larger test split)")
-    if train_labels is not None and test_labels is not None:
-        missing = sorted(set(np.asarray(train_labels).tolist()) - set(np.asarray(test_labels).tolist()))
-        if missing:
-            names = [str(class_names[c]) if class_names is not None else str(c) for c in missing]
-            out.append(f"{len(missing)} class(es) of the labelled train rows have no test galaxy ({', '.join(names)}): "
-                       f"their recall and F1 are not measured and macro-F1 leaves them out")
+    both = train_labels is not None and test_labels is not None
+    names = _absent_classes(train_labels, test_labels, class_names) if both else []
+    if names:
+        out.append(f"{len(names)} class(es) of the labelled train rows have no test galaxy ({', '.join(names)}): "
+                   f"their recall and F1 are not measured and macro-F1 leaves them out")
     return out
 
 
@@ -69,12 +74,11 @@ def small_train_warnings(n_train: int, train_labels=None, test_labels=None, clas
     if n_train < MIN_TRAIN_GALAXIES:
         out.append(f"only {n_train} labelled train galaxies (fewer than {MIN_TRAIN_GALAXIES}): raise label_fraction "
                    f"or label more galaxies; this is not a label-efficiency result")
-    if train_labels is not None and test_labels is not None:
-        missing = sorted(set(np.asarray(test_labels).tolist()) - set(np.asarray(train_labels).tolist()))
-        if missing:
-            names = [str(class_names[c]) if class_names is not None else str(c) for c in missing]
-            out.append(f"{len(missing)} class(es) of the test split have no labelled train galaxy "
-                       f"({', '.join(names)}): they cannot be predicted")
+    both = train_labels is not None and test_labels is not None
+    names = _absent_classes(test_labels, train_labels, class_names) if both else []
+    if names:
+        out.append(f"{len(names)} class(es) of the test split have no labelled train galaxy ({', '.join(names)}): "
+                   f"they cannot be predicted")
     return out
 
 
