@@ -6,7 +6,7 @@
 #          config/pretrain_sdss.yaml data.path=/scratch/packed run_dir=runs/sdss-r50
 #
 # One task per GPU (set --ntasks-per-node equal to --gpus-per-node); ranks,
-# MASTER_ADDR and MASTER_PORT come from the allocation (sslsky/train/dist.py).
+# MASTER_ADDR and MASTER_PORT come from the allocation (sslsky/dist.py).
 # SLURM sends USR2 three minutes before the limit: all ranks stop at the same
 # step, rank 0 checkpoints and requeues the job, and the requeued job resumes
 # from the run directory. Rank 0 locks the run directory (run_dir/pretrain.lock):

@@ -275,7 +275,7 @@ class OptimConfig:
 
 def _default_vote_questions() -> list[VoteQuestionConfig]:
     """The GZ2-like tree of :data:`sslsky.data.votes.VOTE_TREE` (the mock's votes), as config."""
-    from sslsky.data.votes import VOTE_TREE
+    from sslsky.vocabulary import VOTE_TREE
 
     return [VoteQuestionConfig(q.name, list(q.answers), list(q.parent or ())) for q in VOTE_TREE]
 

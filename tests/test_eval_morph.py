@@ -16,8 +16,8 @@ import sslsky.eval.morphology as morphology
 from sslsky.cli import main
 from sslsky.config import EvalMorphConfig, load_config
 from sslsky.data.shards import ShardDataset
-from sslsky.data.votes import MORPH_CLASSES
 from sslsky.eval.encoders import load_encoder
+from sslsky.vocabulary import MORPH_CLASSES
 
 TASK_KEYS = ("n_train_labels", "protocol", "label_fraction", "seed", "accuracy", "macro_f1", "recall")
 

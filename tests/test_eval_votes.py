@@ -16,9 +16,9 @@ from scipy.special import gammaln
 
 from sslsky.cli import main
 from sslsky.data.shards import ShardDataset
-from sslsky.data.votes import VoteSchema, default_vote_schema
 from sslsky.eval import morphology
 from sslsky.models.heads import build_head
+from sslsky.vocabulary import VoteSchema, default_vote_schema
 
 VOTE_KEYS = ("task", "target", "protocol", "label_fraction", "seed", "n_train_labels", "n_val", "n_test", "ckpt",
              "ckpt_sha256", "vote_mae", "vote_nll", "most_voted_accuracy", "per_question", "questions",

@@ -14,9 +14,9 @@ from conftest import gloo_group, spawn_gloo
 from torch import nn
 
 from sslsky.config import ModelConfig, PretrainConfig, VoteCampaignConfig, VoteQuestionConfig, load_config
-from sslsky.data.votes import VoteSchema, default_vote_schema, vote_columns
 from sslsky.losses import byol_loss, dirichlet_multinomial_nll
 from sslsky.models import BYOL, HybridBYOL, build_encoder
+from sslsky.vocabulary import VoteSchema, default_vote_schema, vote_columns
 
 TINY = {"arch": "resnet18", "in_channels": 3, "stem": "imagenet", "dim": 8, "hidden": 16}
 SLICES = [(0, 3), (3, 5), (5, 8)]  # three questions, 8 answers

@@ -33,8 +33,9 @@ from sslsky.data.mock import (
 from sslsky.data.mock_sed import TEMPLATES, ab_magnitude, kcorrection, load_sed
 from sslsky.data.rgb import SURVEY_RGB_BANDS, frame_pixels, galaxy_zoo_rgb, lupton_rgb
 from sslsky.data.schema import PER_BAND_COLUMNS, REQUIRED_COLUMNS, VOTES_PREFIX
-from sslsky.data.votes import VOTE_TREE, class_from_votes, vote_columns
+from sslsky.data.votes import class_from_votes
 from sslsky.surveys import SURVEYS, flux_to_mag, reddening_factor
+from sslsky.vocabulary import VOTE_TREE, vote_columns
 
 SDSS = SURVEYS["sdss"]
 DECALS = SURVEYS["decals"]

@@ -97,7 +97,7 @@ def recomputed_votes(cfg, state: dict, ranks: list[dict]) -> dict:
     """NumPy vote NLL per galaxy (both views averaged), labelled mask and concentrations over both ranks."""
     from test_votes import numpy_concentrations, numpy_dm_nll
 
-    from sslsky.data.votes import VoteSchema
+    from sslsky.vocabulary import VoteSchema
 
     slices = VoteSchema.from_campaigns(cfg.votes.campaigns).slices
     nll, labelled, alpha, counts = [], [], [], []

@@ -184,7 +184,7 @@ def partly_labelled(packed_mock, tmp_path_factory) -> Path:
 
 def test_shards_select_the_galaxies_with_votes(partly_labelled):
     from sslsky.data.shards import ShardDataset
-    from sslsky.data.votes import default_vote_schema
+    from sslsky.vocabulary import default_vote_schema
 
     everything = ShardDataset(partly_labelled, split="train")
     has_votes = everything.vote_counts[everything.indices].sum(axis=1) > 0
@@ -274,8 +274,8 @@ def test_votes_held_out_metrics_are_recomputed_from_the_checkpoint(votes_run, pa
     from sslsky.augment import AstroAugment
     from sslsky.config import PretrainConfig, load_config
     from sslsky.data.shards import ShardDataset
-    from sslsky.data.votes import default_vote_schema
     from sslsky.train.checkpoint import load_checkpoint
+    from sslsky.vocabulary import default_vote_schema
 
     cfg = load_config(PretrainConfig, votes_run.run_dir / "config.yaml")
     schema = default_vote_schema()

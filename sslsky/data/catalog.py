@@ -284,7 +284,7 @@ def _check_labels(column, name: str, path: Path) -> None:
 
 def declared_classes(raw: dict, label_name: str | None) -> tuple[int, str]:
     """(K, where K comes from): classes 0..K-1 are declared (see the module docstring)."""
-    from sslsky.data.votes import MORPH_CLASSES
+    from sslsky.vocabulary import MORPH_CLASSES
 
     k, where = len(MORPH_CLASSES), f"the {len(MORPH_CLASSES)} classes of the package's morphology vocabulary"
     name_column = next((c for c in (f"{label_name}_name", "morph_name" if label_name == LABEL_COLUMN else None)

@@ -52,15 +52,7 @@ from sslsky.data.fits_io import write_cutout
 from sslsky.data.mock_sed import TEMPLATES, Z_GRID, kcorrection
 from sslsky.data.rgb import frame_pixels, galaxy_zoo_rgb
 from sslsky.data.schema import FILE_LOC_COLUMN, VOTES_PREFIX
-from sslsky.data.votes import (
-    MIN_VOLUNTEERS,
-    MORPH_CLASSES,
-    VOTE_TREE,
-    draw_votes,
-    image_difficulty,
-    true_answers,
-    vote_columns,
-)
+from sslsky.data.votes import MIN_VOLUNTEERS, draw_votes, image_difficulty, true_answers
 from sslsky.outputs import atomic_output, output_dir
 from sslsky.parallel import get_comm, split_evenly
 from sslsky.surveys import (
@@ -86,6 +78,7 @@ from sslsky.surveys import (
     mag_to_flux,
     reddening_factor,
 )
+from sslsky.vocabulary import MORPH_CLASSES, VOTE_TREE, vote_columns
 
 __all__ = ["MORPH_CLASSES", "VOTE_TREE", "COMPONENTS", "vote_columns", "draw_population", "component_fluxes",
            "render_galaxy", "run_mock", "iau_names", "unique_iau_names", "galaxy_zoo_catalog", "FORMATS",

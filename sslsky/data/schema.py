@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sslsky.vocabulary import LABEL_COLUMN, VOTES_PREFIX  # noqa: F401 (the catalog's label and vote columns)
+
 #: Catalog columns every input catalog must have (FITS table, CSV or ECSV).
 REQUIRED_COLUMNS = ("object_id", "ra", "dec", "file")
 #: Catalog columns that are read when present and filled when absent.
@@ -18,8 +20,6 @@ OPTIONAL_COLUMNS = {
 }
 #: Column naming a cutout in the Galaxy Zoo / galaxy-datasets convention.
 FILE_LOC_COLUMN = "file_loc"
-#: Prefix of volunteer vote-count columns: ``votes_<question>_<answer>``.
-VOTES_PREFIX = "votes_"
 #: Per-band truth columns the mock writes and pack carries to shards when present
 #: (``psf_fwhm_r`` ...): the image's own PSF and noise level, for augmentations.
 PER_BAND_COLUMNS = ("psf_fwhm", "sky_sigma")
@@ -80,8 +80,6 @@ BAND_PLACEHOLDER = "{band}"
 #: "Bands" of 8-bit colour images (PNG/JPEG); such packs are marked ``photometric: false``.
 RGB_BANDS = "RGB"
 RGB_SUFFIXES = (".png", ".jpg", ".jpeg")
-#: Catalog column read as ``morph_class`` when ``label_column`` is not given.
-LABEL_COLUMN = "morph_class"
 #: Catalog file formats by suffix: astropy.table format names, or "legacy-hdf5" (LEGACY_LAYOUT).
 CATALOG_FORMATS = {
     ".fits": "fits",

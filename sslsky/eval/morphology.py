@@ -75,7 +75,6 @@ import torch
 from torch import Tensor
 
 from sslsky.config import ConfigError, EvalMorphConfig, config_to_dict, write_config
-from sslsky.data.votes import MORPH_CLASSES, VoteSchema, class_names
 from sslsky.eval.clustering import cluster_metrics, kmeans_clusters
 from sslsky.eval.metrics import classification_metrics, small_test_warnings, small_train_warnings
 from sslsky.eval.photoz import write_predictions
@@ -103,6 +102,7 @@ from sslsky.train.finetune import (
     train_supervised,
     write_json,
 )
+from sslsky.vocabulary import MORPH_CLASSES, VoteSchema, class_names
 
 MORPH_PROTOCOLS = (*PROTOCOLS, "knn", "cluster")
 MORPH_TARGETS = ("class", "votes")

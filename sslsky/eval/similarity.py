@@ -60,16 +60,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from sslsky import dist
 from sslsky.augment import survey_of_images
 from sslsky.config import ConfigError, EmbedConfig, SearchConfig, config_to_dict
 from sslsky.data.ids import as_id_array, id_text, is_string_ids, match_query, read_ids, write_ids
 from sslsky.data.rgb import SURVEY_RGB_BANDS, lupton_rgb
 from sslsky.data.schema import RGB_BANDS
-from sslsky.data.votes import class_names
 from sslsky.errors import DataError, DiskFullError, is_no_space
 from sslsky.locks import OutputLock, lock_next_to, pid_alive
 from sslsky.outputs import new_hdf5, output_file, write_text_atomic
-from sslsky.train import dist
+from sslsky.vocabulary import class_names
 
 EMBEDDINGS_FORMAT = "sslsky-embeddings-v1"
 #: Per-row columns stored next to the embeddings (``index``: global row in the shards).
@@ -558,9 +558,9 @@ def _embed(cfg: EmbedConfig, out: Path, lock: OutputLock) -> int:
     from torch.utils.data import DataLoader, Subset
 
     from sslsky.data.shards import ShardDataset
+    from sslsky.devices import autocast_dtype, rank_device
     from sslsky.eval.encoders import CheckpointError, load_encoder
     from sslsky.train.finetune import usable_cpus
-    from sslsky.train.pretrain import autocast_dtype, pick_device
 
     rank, world = dist.rank(), dist.world_size()
     start = {"refused": None, "tag": ""}
@@ -580,8 +580,8 @@ def _embed(cfg: EmbedConfig, out: Path, lock: OutputLock) -> int:
     error, loop_started = None, time.perf_counter()
     zero_rows, bad_rows, bad_pixels, bad_ids = 0, 0, 0, []  # bad: non-finite features; ids: the first few
     try:
-        device = pick_device(cfg.device, dist.local_rank())
-        amp_dtype = autocast_dtype(cfg.amp, device)
+        device = rank_device(cfg.device, dist.local_rank())
+        amp_dtype = autocast_dtype(cfg.amp, device, fp16=True)
         ckpt = Path(cfg.ckpt)
         if ckpt.is_dir():
             raise CheckpointError(f"checkpoint {ckpt} is a folder: give the file, e.g. {ckpt / 'encoder.pt'}")

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from sslsky import dist
 from sslsky.losses import byol_loss, dirichlet_multinomial_nll
 from sslsky.models.encoders import build_encoder
-from sslsky.train import dist
 
 if TYPE_CHECKING:
     from sslsky.config import ModelConfig

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from sslsky import dist
 from sslsky.losses import info_nce
 from sslsky.models.encoders import build_encoder
-from sslsky.train import dist
 
 if TYPE_CHECKING:
     from sslsky.config import ModelConfig

@@ -28,21 +28,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import SequentialSampler
 
+from sslsky import dist
 from sslsky.augment import AstroAugment, resolve_geometry, survey_of_images
 from sslsky.config import ConfigError, PretrainConfig, config_to_dict
 from sslsky.data.schema import PER_BAND_COLUMNS
 from sslsky.data.shards import VOTES_LABEL, ShardDataset, batch_loader
 from sslsky.data.splits import split_mask
-from sslsky.data.votes import VoteSchema
+from sslsky.devices import autocast_dtype, rank_device
 from sslsky.errors import DiskFullError
 from sslsky.models import BYOL, HybridBYOL, MoCo, VoteModel
 from sslsky.surveys import Survey
-from sslsky.train import dist
 from sslsky.train.checkpoint import CHECKPOINT_PATTERN, list_checkpoints, load_latest, save_checkpoint
 from sslsky.train.preempt import PreemptionFlag, ignore_interrupt, requeue_slurm_job
 from sslsky.train.rundir import MainRankFailedError, RunDirectory, append_text, data_identity, on_main_rank
 from sslsky.train.sampler import ResumableDistributedSampler
 from sslsky.train.schedules import cosine_momentum, scaled_lr, warmup_cosine
+from sslsky.vocabulary import VoteSchema
 
 ENCODER_EXPORT = "encoder.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -131,25 +132,6 @@ def build_model(cfg: PretrainConfig, n_bands: int) -> nn.Module:
         return MoCo.from_config(cfg.model, n_bands)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-
-
-def pick_device(name: str, local_rank: int) -> torch.device:
-    """The device of ``device=name`` (:func:`sslsky.train.finetune.resolve_device`: a ConfigError naming the key
-    and the choices for an unknown device or cuda without a GPU); plain ``cuda`` is this rank's local GPU."""
-    from sslsky.train.finetune import resolve_device
-
-    device = resolve_device(name)
-    if device.type == "cuda" and device.index is None:
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return device
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` (auto: bf16 on GPU, none on CPU)."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def batch_to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
@@ -283,7 +265,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
     # ---- set-up ---------------------------------------------------------------------------
     env = dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
-    device = pick_device(cfg.device, dist.local_rank())
+    device = rank_device(cfg.device, dist.local_rank())
     main = rank == 0
     run_dir = Path(cfg.run_dir)
     # Rank 0 locks the run directory and compares a resume with the run's config; nothing is written yet.
@@ -321,7 +303,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters_to_optimize(), lr=0.0, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
-    amp_dtype = autocast_dtype(cfg.amp, device)
+    amp_dtype = autocast_dtype(cfg.amp, device, fp16=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     global_batch = cfg.data.batch_size * world
     if isinstance(model, MoCo):  # the queue takes whole global batches: say so now, not at the first step

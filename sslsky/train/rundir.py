@@ -45,12 +45,12 @@ from typing import Any
 
 import yaml
 
+from sslsky import dist
 from sslsky.config import PretrainConfig, config_to_dict
 from sslsky.data.schema import MANIFEST_NAME
 from sslsky.errors import ConfigError, DataError, DiskFullError, is_no_space
 from sslsky.locks import OutputLock
 from sslsky.outputs import output_dir, refuse_other_runs
-from sslsky.train import dist
 from sslsky.train.checkpoint import CheckpointDamagedError, list_checkpoints, load_checkpoint
 
 LOCK_FILE = "pretrain.lock"
