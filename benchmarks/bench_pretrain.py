@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sslsky.machine import describe_machine  # noqa: E402
-from sslsky.models import MoCo  # noqa: E402
+from sslsky.methods import MoCo  # noqa: E402
+from sslsky.models import build_encoder  # noqa: E402
 from sslsky.train.pretrain import METRICS_FILE  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def step_split(work: Path, steps: int, batch: int, device: str) -> None:
     log_every = steps
     sslsky("pretrain", "--config", str(REPO / "config" / "pretrain_sdss.yaml"), f"data.path={packed}",
            f"run_dir={run}", "model.arch=resnet18", f"data.batch_size={batch}", "data.num_workers=2",
-           f"model.queue_size={batch * 32}", f"optim.total_steps={warm + steps}", f"log_every={log_every}",
+           f"model.moco.queue_size={batch * 32}", f"optim.total_steps={warm + steps}", f"log_every={log_every}",
            "val_every=0", f"checkpoint_every={10 * (warm + steps)}", "tensorboard=false", "progress=false",
            f"device={device}", f"optim.warmup_steps={warm}",
            "channels_last=" + ("true" if device == "cuda" else "false"))
@@ -66,7 +67,7 @@ def step_split(work: Path, steps: int, batch: int, device: str) -> None:
 def throughput(arch: str, batch: int, steps: int, device: torch.device, amp: bool, channels_last: bool,
                compile_model: bool) -> float:
     torch.manual_seed(0)
-    model = MoCo(arch=arch, in_channels=5, stem="hayat", dim=128, queue_size=batch * 16).to(device)
+    model = MoCo(build_encoder(arch, 5, "hayat"), dim=128, queue_size=batch * 16).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     net = torch.compile(model) if compile_model else model
@@ -76,10 +77,11 @@ def throughput(arch: str, batch: int, steps: int, device: torch.device, amp: boo
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = net(q, k)
+            loss, _ = net({"view1": q, "view2": k})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        model.after_step(1, 10)
 
     for _ in range(3 if not compile_model else 5):  # warm-up (and compilation)
         step()

@@ -86,7 +86,7 @@ def stage_pretrain(args, work: Path) -> str:
                  f"checkpoint_every={max(1, min(250, steps // 4))}", f"device={args.device}",
                  "data.num_workers=0", "tensorboard=false", "progress=false"]
     if args.quick:
-        overrides += ["data.batch_size=32", "model.queue_size=256", "optim.base_lr=0.24"]
+        overrides += ["data.batch_size=32", "model.moco.queue_size=256", "optim.base_lr=0.24"]
     knobs = {"config": str(PRETRAIN_CONFIG.relative_to(REPO)), "overrides": overrides}
     if le.check_stamp(folder, knobs, (folder / ENCODER_EXPORT).is_file()):
         return "skipped: encoder exists"

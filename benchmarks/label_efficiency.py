@@ -50,8 +50,8 @@ import torch  # noqa: E402
 
 from sslsky.config import SweepConfig  # noqa: E402
 from sslsky.data.shards import ShardDataset  # noqa: E402
+from sslsky.data.verify import file_sha256  # noqa: E402
 from sslsky.eval.sweep import collect, run_sweep, summarize  # noqa: E402
-from sslsky.train.finetune import file_sha256  # noqa: E402
 from sslsky.train.pretrain import ENCODER_EXPORT, METRICS_FILE  # noqa: E402
 
 MOCK_SEED = 2021

@@ -28,7 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sslsky.config import EvalMorphConfig, load_config  # noqa: E402
-from sslsky.train.finetune import build_backbone, extract_features, open_splits, resolve_device  # noqa: E402
+from sslsky.devices import resolve_device  # noqa: E402
+from sslsky.eval.backbone import build_backbone  # noqa: E402
+from sslsky.eval.features import extract_features  # noqa: E402
+from sslsky.eval.task import open_splits  # noqa: E402
 
 LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)
 

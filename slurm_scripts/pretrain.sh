@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MoCo v2 / BYOL / hybrid / votes-only pretraining with DDP, on any SLURM cluster (method= in the config).
+# MoCo v2 / BYOL / hybrid / votes-only / SimCLR pretraining with DDP, on any SLURM cluster (method= and model.arch= in the config).
 #
 #   sbatch slurm_scripts/pretrain.sh [CONFIG] [key=value ...]
 #   sbatch -N 4 --ntasks-per-node 4 --gpus-per-node 4 -p PARTITION slurm_scripts/pretrain.sh \

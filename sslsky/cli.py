@@ -64,8 +64,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from sslsky.config import EmbedConfig
 
     cfg = load_config(EmbedConfig, args.config, args.overrides, ckpt=args.ckpt, data=args.data, out=args.out)
+    from sslsky.eval.embed import run_embed
     from sslsky.eval.encoders import CheckpointError
-    from sslsky.eval.similarity import run_embed
 
     try:
         return run_embed(cfg)
@@ -83,7 +83,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = load_config(SearchConfig, args.config, args.overrides, embeddings=args.embeddings, query=args.query,
                       k=args.k, data=args.data, png=args.png, chunk_size=args.chunk_size, index=args.index,
                       evaluate=args.evaluate or None)
-    from sslsky.eval.similarity import EmbeddingsError, run_search
+    from sslsky.eval.embeddings import EmbeddingsError
+    from sslsky.eval.search import run_search
 
     try:
         return run_search(cfg)
@@ -113,7 +114,7 @@ def cmd_eval_morph(args: argparse.Namespace) -> int:
 def _run_eval(name: str, function, cfg) -> int:
     """Run an evaluation; a diverged training (non-finite loss) or one that kept only the prior (no epoch beat the
     untrained head on val) is a message and exit status 4, as in pretrain."""
-    from sslsky.train.finetune import PriorOnlyError
+    from sslsky.eval.results import PriorOnlyError
 
     try:
         function(cfg)

@@ -170,12 +170,9 @@ class PackConfig:
 
 
 @dataclasses.dataclass
-class ModelConfig:
-    """MoCo v2 model (``sslsky.models.MoCo.from_config``): encoder, projection head, queue, BN mode."""
+class MocoConfig:
+    """``method: moco`` (MoCo v2, He et al. 2020; Chen et al. 2020): projection head, queue, key encoder."""
 
-    arch: str = "resnet50"  # resnet18 | resnet34 | resnet50 (torchvision, random init; nothing downloaded)
-    n_bands: int = checked(0, ">= 0")  # input channels; 0: the survey's band count (5 for SDSS ugriz, 3 for DECaLS grz)
-    stem: str = "hayat"  # hayat: 7x7 stride-1 conv, no max-pool (64x64 cutouts) | imagenet: stride 2 + max-pool
     dim: int = checked(128, ">= 1")  # projection (embedding) dimension
     queue_size: int = checked(65536, ">= 1")  # K negatives; must be a multiple of the global batch (batch_size x ranks)
     momentum: float = checked(0.999, "in [0, 1)")  # key-encoder EMA: theta_k <- m theta_k + (1 - m) theta_q
@@ -183,10 +180,104 @@ class ModelConfig:
     mlp: bool = True  # MoCo v2 2-layer MLP head (hidden = encoder feature dim); false: one linear layer (v1)
     # shuffle: shuffled BN across ranks (local shuffle on one process) | syncbn (GPU only)
     bn: str = checked("shuffle", "one of shuffle, syncbn")
-    # byol/hybrid: hidden width of the projector and predictor MLPs (Grill et al. 2020)
-    byol_hidden: int = checked(4096, ">= 1")
-    # byol/hybrid: target EMA momentum, cosine from this to 1 over optim.total_steps
-    byol_base_momentum: float = checked(0.99, "in [0, 1)")
+
+
+@dataclasses.dataclass
+class ByolConfig:
+    """``method: byol`` and ``hybrid`` (BYOL, Grill et al. 2020): projector, predictor, target EMA."""
+
+    dim: int = checked(128, ">= 1")  # projection dimension
+    hidden: int = checked(4096, ">= 1")  # hidden width of the projector and predictor MLPs
+    base_momentum: float = checked(0.99, "in [0, 1)")  # target EMA momentum, cosine from this to 1 over total_steps
+
+
+@dataclasses.dataclass
+class SimclrConfig:
+    """``method: simclr`` (SimCLR, Chen et al. 2020; with the fusion encoder: Wei et al. 2022)."""
+
+    dim: int = checked(128, ">= 1")  # projection dimension
+    hidden: int = checked(0, ">= 0")  # hidden width of the 2-layer projection MLP; 0: the encoder's feature dim
+    temperature: float = checked(0.1, "> 0")  # NT-Xent temperature (0.1 as in Wei et al. 2022)
+
+
+@dataclasses.dataclass
+class VitConfig:
+    """``model.arch: vit``: a ViT on N-band patches (defaults DeiT-Tiny, 8-pixel patches)."""
+
+    patch_size: int = checked(8, ">= 1")  # pixels; a size that does not divide the crop uses the central grid
+    depth: int = checked(12, ">= 1")  # transformer blocks
+    width: int = checked(192, ">= 1")  # token width (the feature dimension)
+    heads: int = checked(3, ">= 1")  # attention heads; must divide width
+    mlp_ratio: float = checked(4.0, "> 0")  # hidden width of each block's MLP / width
+
+
+@dataclasses.dataclass
+class FusionConfig:
+    """``model.arch: fusion``: the CNN + ViT encoder of Wei et al. 2022 (their defaults: 512-d features)."""
+
+    # CNN stages pooled into the features: [3] is theirs (ResNet stages 2-3, stage 3 pooled); [2, 3] adds the
+    # pooled stage-2 map ("multi-hierarchy" fusion)
+    levels: list[int] = dataclasses.field(default_factory=lambda: [3])
+    vit_dim: int = checked(256, ">= 1")  # the ViT branch's CLS token is projected to this
+    patch_size: int = checked(12, ">= 1")  # ViT branch: 12-pixel patches, depth 6, width 128, 4 heads (theirs)
+    depth: int = checked(6, ">= 1")
+    width: int = checked(128, ">= 1")
+    heads: int = checked(4, ">= 1")
+    mlp_ratio: float = checked(4.0, "> 0")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The encoder (``arch`` and its section) and each method's own section; a method reads only its own.
+
+    ``sslsky.methods`` says which sections a method reads; a changed value in another method's section is a
+    config error naming it (so a setting never silently does nothing).
+    """
+
+    # resnet18 | resnet34 | resnet50 (torchvision) | vit (model.vit) | fusion (model.fusion); random init, nothing
+    # downloaded (sslsky.models.encoders)
+    arch: str = "resnet50"
+    n_bands: int = checked(0, ">= 0")  # input channels; 0: the survey's band count (5 for SDSS ugriz, 3 for DECaLS grz)
+    # hayat: 7x7 stride-1 conv, no max-pool (64x64 cutouts) | imagenet: stride 2 + max-pool. ResNets and the CNN
+    # branch of fusion; a vit has none (its patch embedding is its input layer)
+    stem: str = "hayat"
+    vit: VitConfig = dataclasses.field(default_factory=VitConfig)
+    fusion: FusionConfig = dataclasses.field(default_factory=FusionConfig)
+    moco: MocoConfig = dataclasses.field(default_factory=MocoConfig)
+    byol: ByolConfig = dataclasses.field(default_factory=ByolConfig)
+    simclr: SimclrConfig = dataclasses.field(default_factory=SimclrConfig)
+
+
+#: Flat ``model.*`` keys of configs written before each method had its own section -> their keys now.
+#: Stored configs (checkpoints, run directories) are read through :func:`migrate_config`; a user's config
+#: that still spells them gets the new name in its error.
+LEGACY_MODEL_KEYS = {
+    "dim": ("moco.dim", "byol.dim"),
+    "queue_size": ("moco.queue_size",),
+    "momentum": ("moco.momentum",),
+    "temperature": ("moco.temperature",),
+    "mlp": ("moco.mlp",),
+    "bn": ("moco.bn",),
+    "byol_hidden": ("byol.hidden",),
+    "byol_base_momentum": ("byol.base_momentum",),
+}
+
+
+def migrate_config(tree: dict) -> dict:
+    """A copy of a stored pretraining config with the flat model keys of :data:`LEGACY_MODEL_KEYS` moved into
+    their sections (a config without them comes back equal)."""
+    tree = dict(tree)
+    model = dict(tree.get("model") or {})
+    for old, new_keys in LEGACY_MODEL_KEYS.items():
+        if old in model:
+            value = model.pop(old)
+            for new in new_keys:
+                section, key = new.split(".")
+                model.setdefault(section, {})
+                model[section] = {**model[section], key: value}
+    if "model" in tree:
+        tree["model"] = model
+    return tree
 
 
 @dataclasses.dataclass
@@ -321,7 +412,8 @@ class PretrainConfig:
     """``sslsky pretrain``: self-supervised pretraining on packed shards (DDP, resumable)."""
 
     # moco (MoCo v2) | byol (BYOL) | hybrid (BYOL + Dirichlet-multinomial vote loss) | votes (the vote loss alone,
-    # the supervised baseline of Walmsley et al. 2022; trains on the galaxies with votes only)
+    # the supervised baseline of Walmsley et al. 2022; trains on the galaxies with votes only) | simclr (SimCLR,
+    # NT-Xent); the registry is sslsky.methods.METHODS
     method: str = "moco"
     run_dir: str = "runs/pretrain"  # checkpoints/, metrics.jsonl, config.yaml, encoder.pt; a restart resumes here
     seed: int = checked(0, ">= 0")
@@ -412,7 +504,7 @@ class ClusterConfig:
 
 @dataclasses.dataclass
 class SupervisedEvalConfig:
-    """Fields shared by ``eval-specz`` and ``eval-morph`` (``sslsky.train.finetune``)."""
+    """Fields shared by ``eval-specz`` and ``eval-morph`` (``sslsky.eval.supervised``)."""
 
     ckpt: str = ""  # pretrained encoder (encoder.pt, step-*.pt, MoCo, ssl-sky-surveys); '' only for scratch
     protocol: str = "finetune"  # linear (frozen encoder) | finetune (whole net) | scratch (random init)
@@ -624,11 +716,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _refuse_moved(where: str, key: str) -> None:
+    """ConfigError naming the new place of a key of :data:`LEGACY_MODEL_KEYS` (nothing for other keys)."""
+    if where == "model" and key in LEGACY_MODEL_KEYS:
+        moved = " or ".join(f"model.{new}" for new in LEGACY_MODEL_KEYS[key])
+        raise ConfigError(f"config key 'model.{key}' is now {moved}: each method reads its own section "
+                          f"(model.moco.*, model.byol.*, model.simclr.*)")
+
+
 def _build(schema: type[T], data: dict, where: str) -> T:
     hints = typing.get_type_hints(schema)
     fields = {f.name for f in dataclasses.fields(schema)}
     for key in data:
         if key not in fields:
+            _refuse_moved(where, key)
             name = f"{where}.{key}" if where else key
             raise ConfigError(f"unknown config key {name!r}{_closest(key, fields)}")
     kwargs = {}
@@ -647,6 +748,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any, schema: type) -> None:
         if valid is not None and part not in valid:
             prefix = ".".join(parts[:i])
             name = f"{prefix}.{part}" if prefix else part
+            _refuse_moved(prefix, part)
             raise ConfigError(f"unknown config key {name!r} in override {dotted}=...{_closest(part, valid)}")
         if i == len(parts) - 1:
             node[part] = value

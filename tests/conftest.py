@@ -171,9 +171,12 @@ def packed_mock(tmp_path_factory) -> Path:
 
 
 def tiny_pretrain_args(packed: Path, run_dir: Path, *overrides: str) -> list[str]:
-    """``sslsky pretrain`` arguments for a few-second CPU run of config/pretrain_tiny.yaml."""
+    """``sslsky pretrain`` arguments for a few-second CPU run of config/pretrain_tiny.yaml (a MoCo config: for
+    another ``method=`` in ``overrides`` its ``model.moco`` section is reset, as a user would)."""
+    method = next((o.split("=", 1)[1] for o in overrides if o.startswith("method=")), "moco")
+    own = ["model.moco.queue_size=48"] if method == "moco" else ["model.moco={}"]
     return ["pretrain", "--config", str(REPO / "config" / "pretrain_tiny.yaml"), f"data.path={packed}",
-            f"run_dir={run_dir}", "data.batch_size=8", "model.queue_size=48", "optim.total_steps=16",
+            f"run_dir={run_dir}", "data.batch_size=8", *own, "optim.total_steps=16",
             "checkpoint_every=5", "val_every=8", "log_every=2", "progress=false", *overrides]
 
 

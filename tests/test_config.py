@@ -60,9 +60,13 @@ def test_nested_pretrain_config_and_exponent_floats(tmp_path):
     path = tmp_path / "pretrain.yaml"
     path.write_text("model:\n  arch: resnet18\naugment:\n  psf: {factor_max: 2}\n")
     # YAML 1.1 reads 1e-4 (no dot) as a string; a float field still takes it.
-    cfg = load_config(PretrainConfig, path, ["optim.weight_decay=1e-4", "model.dim=64", "augment.noise.enabled=false"])
+    cfg = load_config(PretrainConfig, path, ["optim.weight_decay=1e-4", "model.moco.dim=64",
+                                             "augment.noise.enabled=false"])
     assert cfg.optim.weight_decay == 1e-4 and isinstance(cfg.optim.weight_decay, float)
-    assert (cfg.model.arch, cfg.model.dim, cfg.model.queue_size) == ("resnet18", 64, 65536)  # file, override, default
+    assert (cfg.model.arch, cfg.model.moco.dim, cfg.model.moco.queue_size) == ("resnet18", 64, 65536)  # file, override,
+    # default; a key of the flat layout before each method had its section names its new place
+    with pytest.raises(ConfigError, match=r"'model.queue_size' is now model.moco.queue_size"):
+        load_config(PretrainConfig, None, ["model.queue_size=64"])
     assert cfg.augment.psf.factor_max == 2.0 and cfg.augment.psf.factor_min == 1.0
     assert cfg.augment.noise.enabled is False and cfg.augment.reddening.enabled is True
     with pytest.raises(ConfigError, match=r"'augment.geometry.jiter'.*did you mean 'jitter'"):

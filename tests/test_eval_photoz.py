@@ -17,9 +17,11 @@ import yaml
 from conftest import REPO
 
 import sslsky.eval.photoz as photoz
-import sslsky.train.finetune as finetune
 from sslsky.cli import main
 from sslsky.config import EvalSpeczConfig, load_config
+from sslsky.data.shards import ShardDataset
+from sslsky.eval import supervised
+from sslsky.eval.features import LightAugment
 from sslsky.models.heads import build_head, init_prior
 from sslsky.surveys import SURVEYS
 
@@ -79,7 +81,7 @@ def test_linear_outputs_contract_and_idempotent_rerun(packed_mock, encoder_path,
     np.testing.assert_allclose(r["z_mean"], r["stored_mean"], atol=1e-5)  # float32 PDFs on disk
     for key in ("sigma_mad", "bias", "eta", "bin_accuracy"):
         assert m[key] == pytest.approx(r[key], abs=1e-6), key
-    assert m["n_train_labels"] == len(finetune.ShardDataset(packed_mock, split="train", label="z"))
+    assert m["n_train_labels"] == len(ShardDataset(packed_mock, split="train", label="z"))
 
     # Same config again: the stored metrics come back and nothing trains.
     monkeypatch.setattr(photoz, "train_supervised", lambda *a, **k: pytest.fail("trained again"))
@@ -101,7 +103,7 @@ def test_finetune_with_ebv_augment_and_label_fraction(packed_mock, encoder_path,
     m = photoz.run_specz(specz_config(packed_mock, tmp_path / "ft", f"ckpt={encoder_path}", "protocol=finetune",
                                       "label_fraction=0.5", "use_ebv=true", "augment=true", "head.kind=mlp",
                                       "head.hidden=32", "plots=false", "optim.allow_prior=true"))  # plumbing
-    n_all = len(finetune.ShardDataset(packed_mock, split="train", label="z"))
+    n_all = len(ShardDataset(packed_mock, split="train", label="z"))
     assert m["n_train_labels"] == round(0.5 * n_all)
     stages = [h["stage"] for h in m["history"]]  # LP-FT (the default): the prior, the probe, then 2 epochs
     assert stages == ["prior"] + ["probe"] * 30 + ["train"] * 2, stages
@@ -131,7 +133,7 @@ def test_interrupted_run_resumes_to_the_same_result(packed_mock, encoder_path, t
     args = (f"ckpt={encoder_path}", "protocol=linear", "optim.epochs=4", "plots=false")
     reference = photoz.run_specz(specz_config(packed_mock, tmp_path / "ref", *args))
 
-    real_save, calls = finetune.save_checkpoint, []
+    real_save, calls = supervised.save_checkpoint, []
 
     def save_then_die(state, path, keep=2):
         real_save(state, path, keep)
@@ -139,7 +141,7 @@ def test_interrupted_run_resumes_to_the_same_result(packed_mock, encoder_path, t
         if state["epoch"] == 2:
             raise KeyboardInterrupt("killed after epoch 2")
 
-    monkeypatch.setattr(finetune, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(supervised, "save_checkpoint", save_then_die)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         photoz.run_specz(specz_config(packed_mock, out, *args))
@@ -171,7 +173,7 @@ def test_light_augment_is_an_exact_symmetry_plus_reddening():
     torch.manual_seed(0)
     x = torch.rand(64, 5, 8, 8, dtype=torch.float64) + 0.1
     ebv = torch.full((64,), 0.02, dtype=torch.float64)
-    aug = finetune.LightAugment(SURVEYS["sdss"].extinction)
+    aug = LightAugment(SURVEYS["sdss"].extinction)
     gen = torch.Generator().manual_seed(1)
     out, shown = aug(x, ebv, gen)
     r = torch.tensor(SURVEYS["sdss"].extinction, dtype=torch.float64)

@@ -38,7 +38,7 @@ N = 32  # galaxies: four shards of 8
 SHARD_SIZE = 8
 #: Overrides of config/pretrain_tiny.yaml for the 16x16 test cutouts: two steps, workers reading the shards.
 PRETRAIN = ("augment.geometry.crop_size=12", "augment.geometry.rotation=right", "augment.geometry.jitter=0",
-            "optim.total_steps=2", "data.batch_size=4", "model.queue_size=8", "checkpoint_every=2", "val_every=2",
+            "optim.total_steps=2", "data.batch_size=4", "model.moco.queue_size=8", "checkpoint_every=2", "val_every=2",
             "log_every=1")
 
 
@@ -486,8 +486,8 @@ def test_a_full_disk_while_packing_is_a_message_and_the_partial_shard_is_removed
 def test_a_full_disk_while_writing_the_manifest_is_a_message_and_leaves_no_temp_file(tmp_path):
     from conftest import tmpfs
 
-    from sslsky.data.pack import _write_atomic
     from sslsky.errors import DiskFullError
+    from sslsky.outputs import write_text_atomic
 
     with tmpfs(tmp_path / "full", "size=64k") as disk:
         with pytest.raises(OSError), open(disk / "filler", "wb") as filler:
@@ -495,7 +495,7 @@ def test_a_full_disk_while_writing_the_manifest_is_a_message_and_leaves_no_temp_
                 filler.write(bytes(4096))
                 filler.flush()
         with pytest.raises(DiskFullError) as err:
-            _write_atomic(disk / MANIFEST_NAME, "x" * 20000, "manifest")
+            write_text_atomic(disk / MANIFEST_NAME, "x" * 20000, "manifest")
         assert f"while writing manifest {disk / MANIFEST_NAME}; the partial file was removed" in str(err.value)
         assert sorted(p.name for p in disk.iterdir()) == ["filler"]
 

@@ -122,15 +122,15 @@ def test_a_second_concurrent_run_is_refused_and_nothing_is_doubled(reference):
 
 def test_stale_locks_are_taken_over_and_foreign_ones_refused(packed_mock, tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
-    # model.queue_size=20 is refused after start-up (not a multiple of the batch of 8): the lock is taken
+    # model.moco.queue_size=20 is refused after start-up (not a multiple of the batch of 8): the lock is taken
     # over, the start fails, the lock is released all the same.
-    failing = tiny_pretrain_args(packed_mock, run_dir, "model.queue_size=20")
+    failing = tiny_pretrain_args(packed_mock, run_dir, "model.moco.queue_size=20")
     pid = dead_pid()
     write_lock(run_dir, host=socket.gethostname(), pid=pid)
     assert main(failing) == 2
     out, err = capsys.readouterr()
     assert f"took over the stale lock {run_dir / LOCK_FILE}: pid {pid} on host {socket.gethostname()}" in out
-    assert "is no longer running" in out and "model.queue_size" in err
+    assert "is no longer running" in out and "model.moco.queue_size" in err
     assert not (run_dir / LOCK_FILE).exists()
 
     # A live process on this host (this test) holds it: refused, and the lock stays the holder's.
@@ -195,13 +195,14 @@ def run_files(run_dir: Path) -> dict[str, bytes]:
 def test_a_changed_config_is_refused_then_allowed_and_recorded(packed_mock, resumable, capsys):
     run_dir = resumable
     before = run_files(run_dir)
-    changed = ("optim.base_lr=0.1", "model.temperature=0.1", "augment.geometry.crop_size=24")
+    changed = ("optim.base_lr=0.1", "model.moco.temperature=0.1", "augment.geometry.crop_size=24")
     assert main(tiny_pretrain_args(packed_mock, run_dir, *changed)) == 2
     err = capsys.readouterr().err
     assert f"holds a run at step {TOTAL_STEPS} (step-00000016.pt)" in err and "3 setting(s)" in err
-    for line in ("optim.base_lr: 0.06 -> 0.1", "model.temperature: 0.2 -> 0.1", "augment.geometry.crop_size: 32 -> 24"):
+    for line in ("optim.base_lr: 0.06 -> 0.1", "model.moco.temperature: 0.2 -> 0.1",
+                 "augment.geometry.crop_size: 32 -> 24"):
         assert f"  {line}\n" in err
-    assert "'resume.allow_changes=[augment.geometry.crop_size,model.temperature,optim.base_lr]'" in err
+    assert "'resume.allow_changes=[augment.geometry.crop_size,model.moco.temperature,optim.base_lr]'" in err
 
     # Training longer changes the schedule: refused, with the override to type.
     longer = tiny_pretrain_args(packed_mock, run_dir, "optim.total_steps=18")
@@ -229,7 +230,7 @@ def test_a_changed_config_is_refused_then_allowed_and_recorded(packed_mock, resu
     ("model.arch=resnet34", 'model.arch: "resnet18" -> "resnet34"', False),  # a valid config for a new run
     ("data.batch_size=-1", "data.batch_size", True),
     ("data.path=", 'data.path: "', True),
-    ("model.queue_size=20", "model.queue_size", True),  # not a multiple of the batch: found before training now
+    ("model.moco.queue_size=20", "model.moco.queue_size", True),  # not a multiple of the batch: found before training
 ])
 def test_a_failed_start_leaves_the_run_files_as_they_were(packed_mock, resumable, tmp_path, capsys, override,
                                                           message, fails_fresh):
@@ -245,7 +246,7 @@ def test_a_failed_start_leaves_the_run_files_as_they_were(packed_mock, resumable
 
 def test_keys_that_set_the_weights_shapes_cannot_change_on_a_resume(packed_mock, resumable, capsys):
     before = run_files(resumable)
-    for key, value in (("model.arch", "resnet34"), ("model.queue_size", "96")):
+    for key, value in (("model.arch", "resnet34"), ("model.moco.queue_size", "96")):
         assert main(tiny_pretrain_args(packed_mock, resumable, f"{key}={value}", f"resume.allow_changes=[{key}]")) == 2
         err = capsys.readouterr().err
         assert f"resume.allow_changes=['{key}']: {key} cannot change on a resume: it changes the shapes of the " \
@@ -276,7 +277,7 @@ def test_a_device_that_is_not_here_is_a_config_error(packed_mock, tmp_path, caps
     assert "config error: device='tpu': choose auto, cpu or cuda" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(tiny_pretrain_args(packed_mock, tmp_path / "run", "device=cuda")) == 2
-        assert "config error: device=cuda but CUDA is not available here; use device=cpu or auto" in \
+        assert "config error: device=cuda but no CUDA GPU is visible here; use device=cpu or auto" in \
                capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -307,9 +308,9 @@ def test_an_empty_lock_is_taken_over(packed_mock, tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / LOCK_FILE).write_bytes(b"")  # just now: not "being created by another run right now"
-    assert main(tiny_pretrain_args(packed_mock, run_dir, "model.queue_size=20")) == 2  # refused after the lock
+    assert main(tiny_pretrain_args(packed_mock, run_dir, "model.moco.queue_size=20")) == 2  # refused after the lock
     out, err = capsys.readouterr()
-    assert "took over the stale lock" in out and "the lock file was empty" in out and "model.queue_size" in err
+    assert "took over the stale lock" in out and "the lock file was empty" in out and "model.moco.queue_size" in err
     assert sorted(p.name for p in run_dir.iterdir()) == []
 
 

@@ -33,7 +33,10 @@ import pytest
 from conftest import REPO, make_survey, pack_args, tmpfs, untrained_encoder
 
 from sslsky.cli import main
-from sslsky.eval.similarity import EMBEDDINGS_FORMAT, Embeddings, evaluate_retrieval, stale_files, topk_cosine
+from sslsky.eval.embed import stale_files
+from sslsky.eval.embeddings import EMBEDDINGS_FORMAT, Embeddings
+from sslsky.eval.neighbours import topk_cosine
+from sslsky.eval.retrieval import evaluate_retrieval
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

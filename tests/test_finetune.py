@@ -1,4 +1,4 @@
-"""Fine-tuning on small label sets (sslsky.train.finetune): the LP-FT / frozen-BatchNorm / layer-decay knobs, the
+"""Fine-tuning on small label sets (sslsky.eval.supervised): the LP-FT / frozen-BatchNorm / layer-decay knobs, the
 prior-only refusal (exit status 4, no metrics.json), and the small-label regression at test scale: fine-tuning
 does not lose to the linear probe (it starts from it), where the old defaults collapsed to the prior."""
 
@@ -13,11 +13,15 @@ import torch
 from astropy.table import Table
 from conftest import REPO, tiny_pretrain_args
 
-import sslsky.train.finetune as finetune
 from sslsky.cli import main
 from sslsky.config import EvalMorphConfig, load_config
+from sslsky.eval import supervised
+from sslsky.eval.backbone import Predictor
 from sslsky.eval.encoders import load_encoder
 from sslsky.eval.morphology import run_morph
+from sslsky.eval.results import PRIOR_ONLY_FILE, TRAIN_STATE
+from sslsky.eval.supervised import optimizer_groups, recalibrate_batchnorm, train_supervised
+from sslsky.eval.task import Task
 from sslsky.models.encoders import build_encoder
 from sslsky.models.heads import build_head
 from sslsky.train.checkpoint import load_checkpoint
@@ -44,7 +48,7 @@ def test_layer_decay_gives_the_documented_per_block_lrs():
     cfg = EvalMorphConfig(protocol="finetune")
     cfg.optim.encoder_lr_factor, cfg.optim.layer_decay = 0.1, 0.75
     encoder, head = build_encoder("resnet18", 5, "hayat"), build_head("linear", 512, 7)
-    groups = finetune.optimizer_groups(cfg, head, encoder)
+    groups = optimizer_groups(cfg, head, encoder)
     scales = {g["name"]: g["lr_scale"] for g in groups}
     expected = {"head": 1.0, "encoder.layer4": 0.1, "encoder.layer3": 0.075, "encoder.layer2": 0.05625,
                 "encoder.layer1": 0.0421875, "encoder.stem": 0.031640625}
@@ -56,8 +60,8 @@ def test_layer_decay_gives_the_documented_per_block_lrs():
     assert {id(p) for p in groups[-1]["params"]} == {id(p) for p in [*encoder.conv1.parameters(),
                                                                      *encoder.bn1.parameters()]}
     cfg.protocol = "scratch"  # no decay and no factor from scratch
-    assert all(g["lr_scale"] == 1.0 for g in finetune.optimizer_groups(cfg, head, encoder))
-    assert [g["name"] for g in finetune.optimizer_groups(cfg, head, None)] == ["head"]
+    assert all(g["lr_scale"] == 1.0 for g in optimizer_groups(cfg, head, encoder))
+    assert [g["name"] for g in optimizer_groups(cfg, head, None)] == ["head"]
 
 
 def test_freeze_bn_keeps_the_running_statistics(packed_mock, encoder_path, tmp_path):
@@ -68,9 +72,8 @@ def test_freeze_bn_keeps_the_running_statistics(packed_mock, encoder_path, tmp_p
     def last_epoch_encoder(out, *overrides):
         cfg = morph_config(packed_mock, out, f"ckpt={encoder_path}", "protocol=finetune", "optim.epochs=1",
                            "optim.head_warmup_epochs=0", "optim.encoder_lr_factor=1", *overrides)
-        run = finetune.train_supervised(cfg, finetune.Task("morphology", "morph_class", 7,
-                                                           lambda c: np.asarray(c, dtype=np.int64)))
-        state = load_checkpoint(out / finetune.TRAIN_STATE)["model"]  # the trained epoch (best may be the prior)
+        run = train_supervised(cfg, Task("morphology", "morph_class", 7, lambda c: np.asarray(c, dtype=np.int64)))
+        state = load_checkpoint(out / TRAIN_STATE)["model"]  # the trained epoch (best may be the prior)
         return run, {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
 
     run, frozen = last_epoch_encoder(tmp_path / "frozen", "optim.freeze_bn=true")
@@ -89,7 +92,7 @@ def test_precise_bn_sets_the_statistics_of_the_current_weights():
     data = [{"image": img} for img in images]  # a Dataset of dicts, as ShardDataset gives
     cfg = EvalMorphConfig()
     cfg.data.batch_size, cfg.data.num_workers = 4, 0
-    finetune.recalibrate_batchnorm(encoder, torch.nn.Identity(), data, cfg, torch.device("cpu"))
+    recalibrate_batchnorm(encoder, torch.nn.Identity(), data, cfg, torch.device("cpu"))
     with torch.no_grad():
         h = encoder[0](images)
     means = torch.stack([h[i:i + 4].mean(dim=(0, 2, 3)) for i in range(0, 12, 4)])
@@ -120,7 +123,7 @@ def test_lp_ft_resumes_after_an_interruption(packed_mock, encoder_path, tmp_path
     args = (f"ckpt={encoder_path}", "protocol=finetune", "optim.head_warmup_epochs=2", "optim.epochs=3",
             "optim.allow_prior=true")
     reference = run_morph(morph_config(packed_mock, tmp_path / "ref", *args))
-    real_save, calls = finetune.save_checkpoint, []
+    real_save, calls = supervised.save_checkpoint, []
 
     def save_then_die(state, path, keep=2):
         real_save(state, path, keep)
@@ -128,7 +131,7 @@ def test_lp_ft_resumes_after_an_interruption(packed_mock, encoder_path, tmp_path
         if state["epoch"] == 4:
             raise KeyboardInterrupt("killed after the second fine-tuning epoch")
 
-    monkeypatch.setattr(finetune, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(supervised, "save_checkpoint", save_then_die)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         run_morph(morph_config(packed_mock, out, *args))
@@ -158,26 +161,25 @@ def test_a_model_that_keeps_the_prior_exits_4_without_metrics(packed_mock, encod
     assert "PRIOR ONLY" in err and "no epoch beat the untrained head" in err and "Try " in err
     assert "Traceback" not in err
     assert not (out / "metrics.json").exists() and not (out / "predictions.h5").exists()
-    partial = json.loads((out / finetune.PRIOR_ONLY_FILE).read_text())
+    partial = json.loads((out / PRIOR_ONLY_FILE).read_text())
     assert partial["best_epoch"] == 0 and partial["prior_only"] and len(partial["history"]) >= 2
     assert "accuracy" not in partial  # nothing that reads like a result
 
     assert main([*args, "optim.allow_prior=true"]) == 0  # asked for: written, and marked
     m = json.loads((out / "metrics.json").read_text())
     assert m["prior_only"].startswith("no epoch beat") and m["best_epoch"] == 0
-    assert not (out / finetune.PRIOR_ONLY_FILE).exists()
+    assert not (out / PRIOR_ONLY_FILE).exists()
 
 
 def test_one_class_on_val_counts_as_the_prior():
-    task = finetune.Task("morphology", "morph_class", 3, lambda c: np.asarray(c, dtype=np.int64),
-                         one_class_is_prior=True)
+    task = Task("morphology", "morph_class", 3, lambda c: np.asarray(c, dtype=np.int64), one_class_is_prior=True)
     head = torch.nn.Linear(2, 3)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.copy_(torch.tensor([0.0, 2.0, 0.0]))
-    model = finetune.Predictor(torch.nn.Identity(), head, use_ebv=False)
+    model = Predictor(torch.nn.Identity(), head, use_ebv=False)
     x, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 1, 1, 0])
-    record = finetune._validate(model, [(x, torch.zeros(6), y)], task, y.numpy(), None, torch.device("cpu"))
+    record = supervised._validate(model, [(x, torch.zeros(6), y)], task, y.numpy(), None, torch.device("cpu"))
     assert record["val_classes_predicted"] == 1
 
 

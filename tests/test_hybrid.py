@@ -4,6 +4,7 @@ and tiny `sslsky pretrain method=byol|hybrid` runs (checkpoints, export, exact r
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 
@@ -13,12 +14,17 @@ import torch
 from conftest import gloo_group, spawn_gloo
 from torch import nn
 
-from sslsky.config import ModelConfig, PretrainConfig, VoteCampaignConfig, VoteQuestionConfig, load_config
+from sslsky.config import PretrainConfig, VoteCampaignConfig, VoteQuestionConfig, load_config
 from sslsky.losses import byol_loss, dirichlet_multinomial_nll
-from sslsky.models import BYOL, HybridBYOL, build_encoder
+from sslsky.methods import BYOL, HybridBYOL
+from sslsky.models import build_encoder
 from sslsky.vocabulary import VoteSchema, default_vote_schema, vote_columns
 
-TINY = {"arch": "resnet18", "in_channels": 3, "stem": "imagenet", "dim": 8, "hidden": 16}
+TINY = {"dim": 8, "hidden": 16}
+
+
+def tiny_encoder() -> nn.Module:
+    return build_encoder("resnet18", 3, "imagenet")
 SLICES = [(0, 3), (3, 5), (5, 8)]  # three questions, 8 answers
 
 
@@ -123,34 +129,38 @@ def perturb_online(model: BYOL) -> None:
 
 def test_byol_ema_update_is_exact_and_targets_get_no_gradient():
     torch.manual_seed(0)
-    model = BYOL(**TINY)
+    model = BYOL(tiny_encoder(), base_momentum=0.9, **TINY)
     perturb_online(model)
     online = [p.detach().clone() for p in model.online_parameters()]
     target = [p.detach().clone() for p in model.target_parameters()]
-    model.momentum = 0.9
     x = torch.randn(4, 3, 16, 16)
-    loss, top1 = model(x, x.flip(-1))  # training forward: the EMA update comes first
+    loss, metrics = model({"view1": x, "view2": x.flip(-1)})
+    top1 = metrics["acc"]
+    assert all(torch.equal(a, b) for a, b in zip(target, model.target_parameters()))  # the forward leaves it
+    total = 10
+    model.after_step(3, total)  # after the optimizer step: EMA with the cosine momentum of step 3
+    m = 1 - (1 - 0.9) * (math.cos(math.pi * 3 / total) + 1) / 2
+    assert model.momentum == pytest.approx(m)
     for o, t, new in zip(online, target, model.target_parameters()):
-        torch.testing.assert_close(new, 0.9 * t + 0.1 * o, rtol=0, atol=1e-7)
+        torch.testing.assert_close(new, m * t + (1 - m) * o, rtol=0, atol=1e-7)
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in model.target_parameters())
     assert all(p.grad is not None for p in model.parameters_to_optimize())
     names = {id(p) for p in model.parameters_to_optimize()}
     assert not names & {id(p) for p in model.target_parameters()}
     assert 0 <= loss.item() <= 8 and 0 <= top1.item() <= 1
-    model.eval()  # eval: the target is left alone
-    before = [p.clone() for p in model.target_parameters()]
-    model(x, x)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.target_parameters()))
 
 
 def test_byol_from_config_and_encoder_export():
-    model = BYOL.from_config(ModelConfig(arch="resnet18", stem="imagenet", dim=8, byol_hidden=16), n_bands=5)
-    assert model.momentum == 0.99 and model.feature_dim == 512
+    from sslsky.train.pretrain import build_method
+
+    cfg = load_config(PretrainConfig, None, ["method=byol", "model.arch=resnet18", "model.stem=imagenet",
+                                             "model.byol.dim=8", "model.byol.hidden=16"])
+    model = build_method(cfg, n_bands=5, image_size=32, votes=None)
+    assert isinstance(model, BYOL) and model.momentum == 0.99 and model.feature_dim == 512
+    assert model.encoder is model.online_encoder and model.predictor[0].out_features == 16
     encoder = build_encoder("resnet18", 5, "imagenet")
-    encoder.load_state_dict(model.encoder_state_dict())  # strict
-    with pytest.raises(ValueError, match="n_bands"):
-        BYOL.from_config(ModelConfig(n_bands=3), n_bands=5)
+    encoder.load_state_dict(model.encoder.state_dict())  # strict
 
 
 # ---- hybrid weighting ---------------------------------------------------------------------------
@@ -176,7 +186,7 @@ def test_hybrid_weighting_scales_the_vote_gradient_without_gradient_through_the_
 
 def test_hybrid_head_concentrations_and_votes_check():
     torch.manual_seed(0)
-    model = HybridBYOL(SLICES, vote_weight=1.0, **TINY)
+    model = HybridBYOL(tiny_encoder(), SLICES, vote_weight=1.0, **TINY)
     with torch.no_grad():
         model.vote_head.bias.fill_(50.0)
         high = model.concentrations(torch.randn(3, 512))
@@ -184,7 +194,7 @@ def test_hybrid_head_concentrations_and_votes_check():
         low = model.concentrations(torch.randn(3, 512))
     assert high.shape == (3, 8) and torch.all(high <= 101) and torch.all(low >= 1)
     with pytest.raises(ValueError, match="vote counts"):
-        model(torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16))
+        model({"view1": torch.randn(2, 3, 16, 16), "view2": torch.randn(2, 3, 16, 16)})
 
 
 # ---- 2 gloo processes against 1 ------------------------------------------------------------------
@@ -209,20 +219,20 @@ def hybrid_inputs():
 
 def tiny_hybrid() -> HybridBYOL:
     torch.manual_seed(0)
-    model = HybridBYOL(SLICES, vote_weight=0.7, **TINY)
+    model = HybridBYOL(tiny_encoder(), SLICES, vote_weight=0.7, base_momentum=0.9, **TINY)
     perturb_online(model)
-    model.momentum = 0.9
     freeze_bn(model)  # BN on running statistics: per-sample network, so 2 x half batch = 1 x full batch
     return model
 
 
 def hybrid_step(model: HybridBYOL, net: nn.Module, v1, v2, votes) -> dict:
     optimizer = torch.optim.SGD(model.parameters_to_optimize(), lr=0.5)
-    loss, top1 = net(v1, v2, votes)
+    loss, metrics = net({"view1": v1, "view2": v2, "votes": votes})
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return {"loss": loss.detach(), "terms": {k: v.clone() for k, v in model.terms.items()},
+    model.after_step(1, 10)
+    return {"loss": loss.detach(), "terms": {k: v.clone() for k, v in metrics.items() if k != "acc"},
             "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
@@ -277,7 +287,8 @@ class TinyRun:
 
 
 # 4 steps on 16x16 crops, validation once at the end: checkpoints at 2 and 4.
-TINY_STEPS = ("optim.total_steps=4", "checkpoint_every=2", "val_every=4", "log_every=2", "model.byol_hidden=32",
+TINY_STEPS = ("optim.total_steps=4", "checkpoint_every=2", "val_every=4", "log_every=2", "model.byol.hidden=32",
+              "model.byol.dim=64",
               "augment.geometry.crop_size=16", "data.val_batches=1")
 
 

@@ -25,7 +25,7 @@ from conftest import REPO, make_survey, pack_args, untrained_encoder
 from sslsky import locks
 from sslsky.cli import main
 from sslsky.data.schema import MANIFEST_NAME
-from sslsky.eval.similarity import stale_files
+from sslsky.eval.embed import stale_files
 from sslsky.locks import EVAL_LOCK, OutputLock, lock_next_to
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -430,9 +430,9 @@ def test_iau_names_truncate_and_stay_unique():
 
 
 def test_lupton_rgb_lives_in_data_rgb():
-    from sslsky.eval import similarity
+    from sslsky.eval import plots
 
-    assert similarity.lupton_rgb is lupton_rgb
+    assert plots.lupton_rgb is lupton_rgb
     assert SURVEY_RGB_BANDS == {"sdss": "irg", "decals": "zrg"}
     cube = np.full((3, 8, 8), 1e-3, dtype=np.float32)
     cube[:, 3:5, 3:5] = [[[1.0]], [[2.0]], [[3.0]]]

@@ -1,4 +1,4 @@
-"""Encoders and MoCo v2: shapes, momentum update, queue, and 2 gloo processes against 1."""
+"""Encoders and the MoCo v2 method: shapes, momentum update, queue, and 2 gloo processes against 1."""
 
 from __future__ import annotations
 
@@ -8,12 +8,17 @@ import torch.nn.functional as F  # noqa: N812
 from conftest import gloo_group, spawn_gloo
 from torch import nn
 
-from sslsky.config import ModelConfig
-from sslsky.models import MoCo, build_encoder
+from sslsky.config import ConfigError, PretrainConfig, load_config
+from sslsky.methods import MoCo
+from sslsky.models import build_encoder
 from sslsky.models.encoders import stem
+from sslsky.train.pretrain import build_method
 
-TINY = {"arch": "resnet18", "in_channels": 3, "stem": "hayat", "dim": 16, "queue_size": 32, "momentum": 0.9,
-        "temperature": 0.2}
+TINY = {"dim": 16, "queue_size": 32, "momentum": 0.9, "temperature": 0.2}
+
+
+def views_batch(view1: torch.Tensor, view2: torch.Tensor) -> dict:
+    return {"view1": view1, "view2": view2}
 
 
 # ---- encoders -----------------------------------------------------------------------------
@@ -70,7 +75,7 @@ def test_encoder_channels_last_matches_contiguous():
 
 def tiny_moco(**kwargs) -> MoCo:
     torch.manual_seed(0)
-    return MoCo(**{**TINY, **kwargs})
+    return MoCo(build_encoder("resnet18", 3, "hayat"), **{**TINY, **kwargs})
 
 
 def test_momentum_update_is_exact_ema():
@@ -94,7 +99,7 @@ def test_key_encoder_is_not_optimized_and_gets_no_grad():
     n_query = sum(p.numel() for p in model.encoder_q.parameters()) + sum(p.numel() for p in model.head_q.parameters())
     assert sum(p.numel() for p in model.parameters_to_optimize()) == n_query
     x = torch.randn(4, 3, 16, 16)
-    loss, _ = model(x, x + 0.1)
+    loss, _ = model(views_batch(x, x + 0.1))
     loss.backward()
     assert all(p.grad is None for p in keys)
     assert all(p.grad is not None for p in model.parameters_to_optimize())
@@ -117,30 +122,39 @@ def test_queue_enqueue_and_pointer_wrap():
     assert torch.equal(model.queue, torch.cat([batches[3], batches[1], batches[2]]).T)
 
 
-def test_forward_enqueues_keys_and_uses_the_old_queue():
+def test_forward_uses_the_old_queue_and_after_step_enqueues_then_moves_the_keys():
     model = tiny_moco()
+    with torch.no_grad():  # make query and key encoders differ
+        for p in model.parameters_to_optimize():
+            p.add_(0.1 * torch.randn_like(p))
     x, y = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
     old_queue = model.queue.clone()
-    model.momentum_update()  # forward does this first
-    ref_model_k = (model.encoder_k, model.head_k)
-    model.eval()  # eval: no update, so the keys can be recomputed exactly
+    model.eval()  # eval: BN on running statistics, so the keys can be recomputed exactly
     with torch.no_grad():
-        k = F.normalize(ref_model_k[1](ref_model_k[0](y)), dim=1)
+        k = F.normalize(model.head_k(model.encoder_k(y)), dim=1)
         q = F.normalize(model.head_q(model.encoder_q(x)), dim=1)
-        loss, acc = model(x, y)
+        loss, metrics = model(views_batch(x, y))
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ old_queue], dim=1) / model.temperature
     torch.testing.assert_close(loss, F.cross_entropy(logits, torch.zeros(4, dtype=torch.long)))
-    assert torch.equal(model.queue, old_queue)  # eval mode leaves the queue alone
+    assert set(metrics) == {"acc"}
+    model.after_step(1, 10)  # nothing to enqueue from an eval forward
+    assert torch.equal(model.queue, old_queue) and int(model.queue_ptr) == 0
     model.train()
-    model(x, y)
-    assert int(model.queue_ptr) == 4
+    key_before = [p.clone() for p in model.key_parameters()]
+    model(views_batch(x, y))
+    assert torch.equal(model.queue, old_queue)  # the forward itself leaves the queue alone
+    model.after_step(1, 10)
+    assert int(model.queue_ptr) == 4 and not torch.equal(model.queue[:, :4], old_queue[:, :4])
+    m = model.momentum
+    for got, before, pq in zip(model.key_parameters(), key_before, model.parameters_to_optimize()):
+        torch.testing.assert_close(got, m * before + (1 - m) * pq)
 
 
 def test_queue_size_must_divide_by_global_batch():
     model = tiny_moco(queue_size=30)
     x = torch.randn(4, 3, 16, 16)
     with pytest.raises(ValueError, match="multiple of the global batch"):
-        model(x, x)
+        model(views_batch(x, x))
     with pytest.raises(ValueError, match="multiple"):
         model.enqueue(torch.randn(4, 16))
 
@@ -149,24 +163,25 @@ def test_queue_size_must_divide_by_global_batch():
                                            ({"momentum": 1.5}, "momentum"), ({"queue_size": 0}, "queue_size")])
 def test_moco_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        MoCo(**{**TINY, **kwargs})
+        MoCo(build_encoder("resnet18", 3, "hayat"), **{**TINY, **kwargs})
 
 
 def test_from_config_and_encoder_export():
-    cfg = ModelConfig(arch="resnet18", stem="imagenet", dim=8, queue_size=16, bn="syncbn")
-    model = MoCo.from_config(cfg, n_bands=5)
+    cfg = load_config(PretrainConfig, None, ["model.arch=resnet18", "model.stem=imagenet", "model.moco.dim=8",
+                                             "model.moco.queue_size=16", "model.moco.bn=syncbn"])
+    model = build_method(cfg, n_bands=5, image_size=32, votes=None)
+    assert isinstance(model, MoCo) and model.encoder is model.encoder_q
     assert model.encoder_q.conv1.in_channels == 5 and model.dim == 8
     assert any(isinstance(mod, nn.SyncBatchNorm) for mod in model.encoder_k.modules())
     x = torch.randn(4, 5, 32, 32)
-    loss, _ = model(x, x)  # SyncBN without a process group is plain BN
+    loss, _ = model(views_batch(x, x))  # SyncBN without a process group is plain BN
     assert torch.isfinite(loss)
     encoder = build_encoder("resnet18", 5, "imagenet")
-    encoder.load_state_dict(model.encoder_state_dict())  # strict: same keys as a plain encoder
+    encoder.load_state_dict(model.encoder.state_dict())  # strict: same keys as a plain encoder
     assert model.embed(x).shape == (4, 512)
-    with pytest.raises(ValueError, match="n_bands"):
-        MoCo.from_config(ModelConfig(n_bands=3), n_bands=5)
-    with pytest.raises(ValueError, match="n_bands"):
-        MoCo.from_config(ModelConfig())
+    assert model.encoder.build_args == {"arch": "resnet18", "in_channels": 5, "stem": "imagenet", "image_size": 32}
+    with pytest.raises(ConfigError, match="n_bands"):
+        build_method(load_config(PretrainConfig, None, ["model.n_bands=3"]), n_bands=5, image_size=32, votes=None)
 
 
 # ---- 2 gloo processes against 1 ------------------------------------------------------------
@@ -189,11 +204,12 @@ def views() -> tuple[torch.Tensor, torch.Tensor]:
 
 def sgd_step(model: MoCo, net: nn.Module, im_q: torch.Tensor, im_k: torch.Tensor) -> dict:
     optimizer = torch.optim.SGD(model.parameters_to_optimize(), lr=0.5)
-    loss, acc = net(im_q, im_k)
+    loss, metrics = net(views_batch(im_q, im_k))
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return {"loss": loss.detach(), "acc": acc, "queue": model.queue.clone(), "ptr": model.queue_ptr.clone(),
+    model.after_step(1, 10)
+    return {"loss": loss.detach(), "acc": metrics["acc"], "queue": model.queue.clone(), "ptr": model.queue_ptr.clone(),
             "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
@@ -212,17 +228,18 @@ def dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         model = tiny_moco()
         torch.manual_seed(123)
         with torch.no_grad():
-            model(im_q, im_k)
+            model(views_batch(im_q, im_k))
+            model.after_step(1, 10)
         results["shuffle"] = {"queue": model.queue.clone()}
         # 3. SyncBN on CPU with 2 ranks: a clear error, not a hang or torch's message
         try:
-            tiny_moco(bn="syncbn")(im_q, im_k)
+            tiny_moco(bn="syncbn")(views_batch(im_q, im_k))
             results["syncbn_error"] = ""
         except RuntimeError as err:
             results["syncbn_error"] = str(err)
         # 4. K not a multiple of the *global* batch (K = 12 divides the rank batch 4 but not 8)
         try:
-            tiny_moco(queue_size=12)(im_q, im_k)
+            tiny_moco(queue_size=12)(views_batch(im_q, im_k))
             results["k_error"] = ""
         except ValueError as err:
             results["k_error"] = str(err)
@@ -253,7 +270,6 @@ def test_two_ranks_frozen_bn_equal_one_process(two_ranks):
 def test_two_ranks_shuffle_bn_keys_come_from_the_shuffled_halves(two_ranks):
     model = tiny_moco()
     im_q, im_k = views()
-    model.momentum_update()
     torch.manual_seed(123)
     perm = torch.randperm(GLOBAL_BATCH)  # the permutation rank 0 drew and broadcast
     shuffled = im_k[perm]

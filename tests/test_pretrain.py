@@ -156,7 +156,7 @@ def test_two_gloo_ranks_train_together(packed_mock, tmp_path):
 
 def test_diverging_loss_stops_with_a_message(packed_mock, tmp_path, capsys):
     # T = 1e-39 underflows the logits' scale to infinity: the loss is NaN at the first step.
-    rc = main(tiny_pretrain_args(packed_mock, tmp_path / "run", "model.temperature=1e-39"))
+    rc = main(tiny_pretrain_args(packed_mock, tmp_path / "run", "model.moco.temperature=1e-39"))
     assert rc == 4
     err = capsys.readouterr().err
     assert "loss is not finite" in err and "step 0" in err and "optim.base_lr" in err
@@ -164,7 +164,7 @@ def test_diverging_loss_stops_with_a_message(packed_mock, tmp_path, capsys):
 
 @pytest.mark.parametrize(("override", "message"), [
     ("optim.base_lrr=0.1", "did you mean 'base_lr'"),
-    ("method=simclr", "method='simclr'"),
+    ("method=swav", "method='swav'"),
     ("model.n_bands=3", "set model.n_bands=5"),
     ("data.survey=decals", "are 'sdss'"),
 ])

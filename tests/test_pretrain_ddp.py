@@ -1,15 +1,17 @@
-"""The real trainer (`sslsky pretrain`) with 2 gloo ranks for method=byol, hybrid and votes, checked with numbers.
+"""The real trainer (`sslsky pretrain`) with 2 gloo ranks for method=byol, hybrid, votes and simclr, checked with
+numbers.
 
 Each rank runs ``sslsky.cli.main`` in its own process (torchrun variables, as under ``torchrun`` or
 ``srun``), the three methods one after the other in the same two processes (one start-up for all); the
-test only wraps ``build_model`` to keep a handle on the rank's model and record, before the forward of
+test only wraps ``build_method`` to keep a handle on the rank's model and record, before the forward of
 one step, the weights and that rank's inputs (views, vote counts). Then:
 
 - the ranks end with identical weights (online, target, heads), the BN running statistics excepted
   (each rank's own batches: they must differ): rank 1's final weights against rank 0's final checkpoint;
 - every logged loss is finite; the logged terms of the recorded step are recomputed from both ranks'
   inputs and weights: the vote NLL with NumPy (concentrations and Dirichlet-multinomial by hand), the
-  BYOL term with the model on each rank's half batch, the hybrid loss from its formula.
+  BYOL term with the model on each rank's half batch, the hybrid loss from its formula, SimCLR's NT-Xent of
+  rank 0's anchors against the projections of both ranks (NumPy).
 
 A 2-rank trainer run cannot equal a 1-rank run on the combined batch: each rank draws its own
 augmentations and BN normalises with each rank's own batch statistics. The 2-vs-1 equality of the
@@ -27,10 +29,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-METHODS = ("byol", "hybrid", "votes")
+METHODS = ("byol", "hybrid", "votes", "simclr")
 CAPTURE_STEP = 3  # 1-based: the forward of the last step
 STEPS = ("optim.total_steps=3", "checkpoint_every=3", "log_every=1", "val_every=3", "data.val_batches=1",
-         "augment.geometry.crop_size=16", "model.byol_hidden=32")
+         "augment.geometry.crop_size=16")
+#: Each method's tiny settings (its own config section).
+METHOD_STEPS = {"byol": ("model.byol.hidden=32",), "hybrid": ("model.byol.hidden=32",), "votes": (),
+                "simclr": ("model.simclr.dim=32",)}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,19 +56,20 @@ def trainer_worker(rank: int, world: int, runs: list[tuple[list[str], int, str]]
     from sslsky.cli import main
     from sslsky.train import pretrain
 
-    build_model = pretrain.build_model
+    build_method = pretrain.build_method
     for args, port, out in runs:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         seen: dict = {"forwards": 0}
 
-        def build_and_watch(cfg, n_bands, seen=seen):
-            model = build_model(cfg, n_bands)
+        def build_and_watch(cfg, n_bands, image_size, votes, seen=seen):
+            model = build_method(cfg, n_bands, image_size, votes)
 
             def before_forward(module, inputs):  # training forwards only: validation calls embed()
                 seen["forwards"] += 1
                 if seen["forwards"] == CAPTURE_STEP:
-                    seen["inputs"] = [x.detach().clone() for x in inputs]
+                    batch = inputs[0]  # {"view1", "view2", and "votes" for the vote methods}
+                    seen["inputs"] = [batch[k].detach().clone() for k in ("view1", "view2", "votes") if k in batch]
                     if rank == 0:
                         seen["state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -71,7 +77,7 @@ def trainer_worker(rank: int, world: int, runs: list[tuple[list[str], int, str]]
             seen["model"] = model
             return model
 
-        pretrain.build_model = build_and_watch
+        pretrain.build_method = build_and_watch
         assert main(args) == 0, f"rank {rank}: sslsky {' '.join(args)} failed"
         saved = {"inputs": seen["inputs"], **({"state": seen["state"]} if rank == 0 else
                                              {"final": seen["model"].state_dict()})}
@@ -86,9 +92,9 @@ def partly_labelled(packed_mock, tmp_path_factory):
 
 
 def fresh_model(cfg, state: dict):
-    from sslsky.train.pretrain import build_model
+    from sslsky.train.pretrain import build_method, vote_schema
 
-    model = build_model(cfg, 5)
+    model = build_method(cfg, 5, cfg.augment.geometry.crop_size, vote_schema(cfg))
     model.load_state_dict(state)
     return model.train()
 
@@ -117,17 +123,34 @@ def recomputed_votes(cfg, state: dict, ranks: list[dict]) -> dict:
 
 
 def recomputed_byol(cfg, state: dict, ranks: list[dict]) -> list[tuple[float, float]]:
-    """(loss, top1) of each rank's BYOL forward at the captured step (EMA momentum of that step)."""
-    from sslsky.train.schedules import cosine_momentum
-
+    """(loss, top1) of each rank's BYOL forward at the captured step (the target as the step before left it)."""
     out = []
     for r in ranks:
-        model = fresh_model(cfg, state)  # afresh: the forward updates the target
-        model.momentum = cosine_momentum(CAPTURE_STEP - 1, cfg.model.byol_base_momentum, cfg.optim.total_steps)
+        model = fresh_model(cfg, state)
         with torch.no_grad():
             loss, top1, _ = model.byol_forward(*r["inputs"][:2])
         out.append((loss.item(), top1.item()))
     return out
+
+
+def recomputed_nt_xent(cfg, state: dict, ranks: list[dict]) -> tuple[float, float]:
+    """Rank 0's logged NT-Xent: its 2B anchors against the projections of both ranks (rank order), by NumPy."""
+    model = fresh_model(cfg, state)
+    with torch.no_grad():  # train-mode BN: each rank's own batch statistics, as in its forward
+        z = [torch.cat([model.head(model.backbone(r["inputs"][0])), model.head(model.backbone(r["inputs"][1]))])
+             for r in ranks]
+    z = [x.double().numpy() for x in z]
+    z = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in z]
+    anchors, candidates = z[0], np.concatenate(z)  # (2B, D), (4B, D)
+    b = len(anchors) // 2
+    logits = anchors @ candidates.T / cfg.model.simclr.temperature
+    logits[np.arange(2 * b), np.arange(2 * b)] = -np.inf  # rank 0's own anchors sit first
+    positive = np.r_[np.arange(b, 2 * b), np.arange(b)]
+    top = logits.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+    loss = np.mean(log_z - logits[np.arange(2 * b), positive])
+    top1 = np.mean(logits[np.arange(2 * b), positive] >= logits.max(axis=1))
+    return float(loss), float(top1)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +162,8 @@ def two_rank_runs(partly_labelled, tmp_path_factory):
     runs = []
     for method in METHODS:
         (root / method).mkdir()
-        args = tiny_pretrain_args(partly_labelled, root / method / "run", f"method={method}", *STEPS)
+        args = tiny_pretrain_args(partly_labelled, root / method / "run", f"method={method}", *STEPS,
+                                  *METHOD_STEPS[method])
         runs.append((args, free_port(), str(root / method)))
     mp.spawn(trainer_worker, args=(2, runs), nprocs=2, join=True)
     return {method: root / method for method in METHODS}
@@ -173,6 +197,10 @@ def test_two_rank_trainer_keeps_ranks_in_sync_and_logs_the_recomputed_loss(metho
     logged = train[CAPTURE_STEP]
     if method == "byol":
         (loss0, top1_0), _ = recomputed_byol(cfg, ranks[0]["state"], ranks)
+        assert logged["loss"] == pytest.approx(loss0, rel=1e-5) and logged["acc"] == pytest.approx(top1_0)
+        return
+    if method == "simclr":
+        loss0, top1_0 = recomputed_nt_xent(cfg, ranks[0]["state"], ranks)
         assert logged["loss"] == pytest.approx(loss0, rel=1e-5) and logged["acc"] == pytest.approx(top1_0)
         return
     votes = recomputed_votes(cfg, ranks[0]["state"], ranks)

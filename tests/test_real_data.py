@@ -473,7 +473,7 @@ def rgb_pack(tmp_path_factory) -> Path:
 
 def pretrain_args(packed: Path, run_dir: Path, *overrides: str) -> list[str]:
     return ["pretrain", "--config", str(REPO / "config" / "pretrain_demo.yaml"), f"data.path={packed}",
-            f"run_dir={run_dir}", "optim.total_steps=2", "data.batch_size=8", "model.queue_size=16",
+            f"run_dir={run_dir}", "optim.total_steps=2", "data.batch_size=8", "model.moco.queue_size=16",
             "tensorboard=false", "progress=false", "val_every=100", "checkpoint_every=100", "log_every=1",
             "device=cpu", *overrides]
 

@@ -20,14 +20,23 @@ from conftest import gloo_group, spawn_gloo
 from torch import nn
 
 from sslsky.data.schema import MANIFEST_NAME, VOTES_DATASET
-from sslsky.models import HybridBYOL, VoteModel
+from sslsky.methods import HybridBYOL, VoteModel
+from sslsky.models import build_encoder
 
-TINY = {"arch": "resnet18", "in_channels": 3, "stem": "imagenet"}
 SLICES = [(0, 3), (3, 5), (5, 8)]  # three questions, 8 answers
 REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tiny_encoder() -> nn.Module:
+    return build_encoder("resnet18", 3, "imagenet")
+
+
+def views(view1: torch.Tensor, view2: torch.Tensor, votes: torch.Tensor | None = None) -> dict:
+    """A method's batch: the two views and, when given, the vote counts."""
+    return {"view1": view1, "view2": view2, **({"votes": votes} if votes is not None else {})}
 
 
 def partly_labelled_copy(packed: Path, dest: Path, unlabelled=lambda object_id: object_id % 2 == 0) -> Path:
@@ -74,8 +83,8 @@ def numpy_first_answer_hits(alpha: np.ndarray, counts: np.ndarray, first: tuple[
 
 def test_vote_model_shares_the_hybrid_vote_head():
     torch.manual_seed(0)
-    hybrid = HybridBYOL(SLICES, dim=8, hidden=16, **TINY)
-    votes_only = VoteModel(SLICES, **TINY)
+    hybrid = HybridBYOL(tiny_encoder(), SLICES, dim=8, hidden=16)
+    votes_only = VoteModel(tiny_encoder(), SLICES)
     for name in ("concentrations", "concentration_nll", "vote_nll", "first_answer_hits", "check_votes"):
         assert getattr(VoteModel, name) is getattr(HybridBYOL, name), name  # one implementation
     hybrid_state = hybrid.state_dict()
@@ -85,21 +94,23 @@ def test_vote_model_shares_the_hybrid_vote_head():
     torch.testing.assert_close(votes_only.concentrations(features), hybrid.concentrations(features), rtol=0, atol=0)
     assert {id(p) for p in votes_only.parameters_to_optimize()} == {id(p) for p in votes_only.parameters()}
     with pytest.raises(ValueError, match="vote counts"):
-        votes_only(torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16))
+        votes_only(views(torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)))
     with pytest.raises(ValueError, match=r"\(B, A\) = \(2, 8\)"):
-        votes_only(torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.ones(2, 7))
+        votes_only(views(torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.ones(2, 7)))
 
 
 def test_vote_model_loss_is_the_mean_nll_over_labelled_galaxies_of_both_views():
     torch.manual_seed(0)
-    model = VoteModel(SLICES, **TINY).eval()  # BN on running statistics: per-galaxy features
+    model = VoteModel(tiny_encoder(), SLICES).eval()  # BN on running statistics: per-galaxy features
     gen = torch.Generator().manual_seed(1)
     v1, v2 = torch.randn(6, 3, 16, 16, generator=gen), torch.randn(6, 3, 16, 16, generator=gen)
     votes = torch.randint(0, 25, (6, 8), generator=gen, dtype=torch.int32)
     votes[[1, 4]] = 0  # no votes
     votes[2, 0:3] = 0  # first question never asked
     votes[3, 0:3] = torch.tensor([2, 9, 9])  # tie: the first most-voted answer counts
-    loss, acc = model(v1, v2, votes)
+    loss, metrics = model(views(v1, v2, votes))
+    acc = metrics["vote_acc"]
+    assert list(metrics) == ["vote_acc", "loss_votes", "labelled"]  # the progress bar shows the first
     with torch.no_grad():
         a1 = numpy_concentrations(model.online_encoder(v1), model.vote_head)
         a2 = numpy_concentrations(model.online_encoder(v2), model.vote_head)
@@ -107,15 +118,15 @@ def test_vote_model_loss_is_the_mean_nll_over_labelled_galaxies_of_both_views():
     nll = 0.5 * (numpy_dm_nll(a1, k, SLICES) + numpy_dm_nll(a2, k, SLICES))
     labelled = k.sum(axis=1) > 0
     np.testing.assert_allclose(loss.item(), nll[labelled].mean(), rtol=1e-5)
-    np.testing.assert_allclose(model.terms["loss_votes"].item(), nll[labelled].mean(), rtol=1e-5)
-    assert model.terms["labelled"].item() == 4
+    np.testing.assert_allclose(metrics["loss_votes"].item(), nll[labelled].mean(), rtol=1e-5)
+    assert metrics["labelled"].item() == 4
     hits, asked = numpy_first_answer_hits(a1 + a2, k, SLICES[0])
     assert asked == 3 and acc.item() == pytest.approx(hits / asked)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     # The galaxies without votes contribute nothing: other images there give the same loss.
     v1[[1, 4]], v2[[1, 4]] = 5.0, -5.0
-    torch.testing.assert_close(model(v1, v2, votes)[0], loss.detach())
+    torch.testing.assert_close(model(views(v1, v2, votes))[0], loss.detach())
 
 
 GLOBAL_BATCH = 8
@@ -131,7 +142,7 @@ def vote_inputs():
 
 def tiny_vote_model() -> VoteModel:
     torch.manual_seed(0)
-    model = VoteModel(SLICES, **TINY)
+    model = VoteModel(tiny_encoder(), SLICES)
     for module in model.modules():  # BN on running statistics: 2 x half batch = 1 x full batch
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
@@ -140,11 +151,13 @@ def tiny_vote_model() -> VoteModel:
 
 def vote_step(model: VoteModel, net: nn.Module, v1, v2, votes) -> dict:
     optimizer = torch.optim.SGD(model.parameters_to_optimize(), lr=0.5)
-    loss, acc = net(v1, v2, votes)
+    loss, metrics = net(views(v1, v2, votes))
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return {"loss": loss.detach(), "acc": acc, "terms": {k: v.clone() for k, v in model.terms.items()},
+    model.after_step(1, 10)
+    return {"loss": loss.detach(), "acc": metrics["vote_acc"],
+            "terms": {k: v.clone() for k, v in metrics.items() if k != "vote_acc"},
             "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
@@ -279,7 +292,7 @@ def test_votes_held_out_metrics_are_recomputed_from_the_checkpoint(votes_run, pa
 
     cfg = load_config(PretrainConfig, votes_run.run_dir / "config.yaml")
     schema = default_vote_schema()
-    model = VoteModel.from_config(cfg.model, 5, schema.slices)
+    model = VoteModel(build_encoder(cfg.model.arch, 5, cfg.model.stem), schema.slices)
     model.load_state_dict(load_checkpoint(votes_run.run_dir / "checkpoints" / "step-00000004.pt")["model"])
     model.eval()
     val = ShardDataset(partly_labelled, split="val")

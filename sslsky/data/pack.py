@@ -100,7 +100,7 @@ from sslsky.data.schema import (
 from sslsky.data.verify import check_shard, file_sha256, row_sum32
 from sslsky.errors import DataError, DiskFullError, is_no_space
 from sslsky.locks import OutputLock, lock_next_to, pid_alive
-from sslsky.outputs import new_hdf5, output_dir
+from sslsky.outputs import new_hdf5, output_dir, temp_path, write_text_atomic
 from sslsky.parallel import get_comm, split_evenly
 from sslsky.surveys import SURVEYS, get_survey
 
@@ -473,7 +473,7 @@ def _write_shard(path: Path, rows: np.ndarray, key: str, cat: Catalog, layout: L
     dtype = np.dtype(layout.dtype)
     kept, filled, sums, rejected, samples = [], [], [], [], {}
     worst = (0.0, 0.0)
-    tmp = _temp_name(path)
+    tmp = temp_path(path)
     with new_hdf5(tmp, path, "shard", libver=SHARD_LIBVER) as (handle, sink):
         images = handle.create_dataset(IMAGES_DATASET, shape=(len(rows), channels, height, width),
                                        maxshape=(None, channels, height, width), chunks=(1, channels, height, width),
@@ -642,25 +642,8 @@ def band_statistics(samples: dict, bands: str) -> dict | None:
     }
 
 
-def _temp_name(path: Path) -> Path:
-    """Where ``path`` is written before it is renamed into place: ``.NAME.tmpPID`` (see :func:`remove_stale_temps`)."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def _write_atomic(path: Path, text: str, what: str = "file") -> None:
-    """``text`` to ``path`` through a temporary name; a full disk removes the partial file (DiskFullError)."""
-    tmp = _temp_name(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and is_no_space(err):
-            raise DiskFullError(path, what) from None
-        raise
-
-
-#: Temporary files a pack writes in its output folder (``.NAME.tmpPID``): shards, manifest, rejected.csv, config.
+#: Temporary files a pack writes in its output folder: shards, manifest, rejected.csv, config, each at
+#: :func:`sslsky.outputs.temp_path` (``.NAME.tmpPID``) before it is renamed into place.
 TEMP_FILE = re.compile(r"^\.(shard-.*\.h5|" + "|".join(re.escape(name) for name in PACK_FILES) + r")\.tmp(\d+)$")
 
 
@@ -691,7 +674,7 @@ def write_rejected(path: Path, rejected: list) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(REJECTED_FIELDS)
     writer.writerows(sorted(rejected, key=lambda item: item[0]))
-    _write_atomic(path, buffer.getvalue(), "the list of rejected rows")
+    write_text_atomic(path, buffer.getvalue(), "the list of rejected rows")
 
 
 def shard_glob() -> str:
@@ -751,11 +734,11 @@ def finish(cat: Catalog, layout: Layout, cfg: PackConfig, out: Path, reports: li
     try:
         write_config(cfg, out / "config.yaml")
     except OSError as err:
-        _temp_name(out / "config.yaml").unlink(missing_ok=True)
+        temp_path(out / "config.yaml").unlink(missing_ok=True)
         if is_no_space(err):
             raise DiskFullError(out / "config.yaml", "the pack's config") from None
         raise
-    _write_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n", "manifest")
+    write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n", "manifest")
 
     seconds = time.perf_counter() - start
     read = sum(r["read"] for r in reports)

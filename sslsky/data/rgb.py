@@ -2,7 +2,7 @@
 
 :func:`lupton_rgb` turns a ``(C, H, W)`` cube in nanomaggies into an ``(H, W, 3)`` uint8 image keeping
 each pixel's colour and stretching its intensity by asinh. It serves the neighbour grids of
-``sslsky search`` (:mod:`sslsky.eval.similarity`) and the Galaxy-Zoo-shaped PNG/JPEG mock
+``sslsky search`` (:mod:`sslsky.eval.plots`) and the Galaxy-Zoo-shaped PNG/JPEG mock
 (``sslsky mock --format png``, :func:`galaxy_zoo_rgb`).
 
 The composite's rows are those of the cube (row 0 = the cube's first row, y = south with the cutout WCS);

@@ -133,8 +133,9 @@ BLOCK_ROWS = 64
 MAX_LISTED = 4
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a whole file, read in 4 MiB blocks."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a whole file, read in 4 MiB blocks (a shard's identity in the manifest, a checkpoint's in an
+    evaluation's metrics.json: the same path may hold a retrained encoder)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):

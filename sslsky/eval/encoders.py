@@ -4,9 +4,12 @@ Three checkpoint layouts are recognised (never ``strict=False``: a missing or un
 error that names the keys):
 
 - **sslsky**: ``encoder.pt`` written at the end of ``sslsky pretrain`` (``format: sslsky-encoder-v1``:
-  encoder weights, arch, stem, bands, manifest statistics, augmentation config), or a training
-  checkpoint ``checkpoints/step-*.pt`` (``encoder_q.*`` or BYOL's ``online_encoder.*`` weights and
-  the run's config);
+  encoder weights, ``encoder_args`` to rebuild any architecture -- ResNet, vit, fusion --, bands, manifest
+  statistics, augmentation config), or a training checkpoint ``checkpoints/step-*.pt`` of any method (its
+  ``encoder_prefix`` names the encoder's weights in the method's state dict, ``encoder_args`` its
+  architecture). Files written before the method contract have no ``encoder_args`` / ``encoder_prefix``:
+  they are ResNets (``arch``, ``stem``), and their encoder is ``encoder_q.*`` (MoCo) or
+  ``online_encoder.*`` (BYOL, hybrid, votes): :data:`LEGACY_ENCODER_PREFIXES`;
 - **moco**: facebookresearch/moco ``checkpoint_*.pth.tar`` (``state_dict`` with
   ``module.encoder_q.*``; the projection head ``fc.*`` is dropped);
 - **ssl-sky-surveys**: Hayat et al. 2021 ``ckpt.tar`` (``model_state``, keys with or without
@@ -36,8 +39,8 @@ from sslsky.models.encoders import ARCHITECTURES, STEMS, build_encoder
 from sslsky.surveys import Survey, get_survey
 
 ENCODER_FORMAT = "sslsky-encoder-v1"
-#: Prefixes of the encoder to evaluate in an sslsky training checkpoint: MoCo's query encoder, BYOL's online one.
-CHECKPOINT_ENCODERS = ("encoder_q.", "online_encoder.")
+#: Where the encoder is in training checkpoints written before they recorded ``encoder_prefix``.
+LEGACY_ENCODER_PREFIXES = ("encoder_q.", "online_encoder.")
 #: ResNet block counts per stage -> architecture, for reading foreign checkpoints.
 _BLOCKS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
            ("bottleneck", (3, 4, 6, 3)): "resnet50"}
@@ -54,11 +57,16 @@ class LoadedEncoder:
     encoder: nn.Module  # (B, C, n, n) -> (B, feature_dim)
     transform: nn.Module  # (B, C, N, N) cutouts -> (B, C, n, n) centred crop, normalised as in training
     arch: str
-    stem: str
+    stem: str | None  # None: the arch has none (vit)
     in_channels: int
     feature_dim: int
     source: str  # sslsky | sslsky-checkpoint | moco | ssl-sky-surveys
     info: dict  # survey, bands, stats, augment config (sslsky layouts only)
+    build_args: dict  # build_encoder(**build_args) gives a new, randomly initialised encoder of this architecture
+
+    def fresh(self) -> nn.Module:
+        """A randomly initialised encoder of the same architecture (a scratch baseline's)."""
+        return build_encoder(**self.build_args)
 
 
 class EvalTransform(nn.Module):
@@ -134,15 +142,17 @@ def load_encoder(path: str | os.PathLike, stem: str | None = None, device: str |
     path = Path(path)
     state = _read(path)
     info: dict = {}
+    args: dict | None = None  # build_encoder arguments recorded in the file (sslsky files since the contract)
     if state.get("format") == ENCODER_FORMAT:
         source, weights = "sslsky", state["encoder"]
-        arch, file_stem = state["arch"], state["stem"]
+        arch, file_stem, args = state["arch"], state.get("stem"), state.get("encoder_args")
         info = {k: state.get(k) for k in ("survey", "bands", "stats", "augment", "method")}
-    elif "model" in state and "config" in state and any(k.startswith(CHECKPOINT_ENCODERS) for k in state["model"]):
-        prefix = next(p for p in CHECKPOINT_ENCODERS if any(k.startswith(p) for k in state["model"]))
+    elif "model" in state and "config" in state and _checkpoint_prefix(state):
+        prefix = _checkpoint_prefix(state)
         source, weights = "sslsky-checkpoint", _strip(state["model"], prefix)
         cfg = state["config"]
-        arch, file_stem = cfg["model"]["arch"], cfg["model"]["stem"]
+        arch, args = cfg["model"]["arch"], state.get("encoder_args")
+        file_stem = args.get("stem") if args else cfg["model"].get("stem")
         info = {"augment": cfg.get("augment"), "method": cfg.get("method"), **state.get("data_info", {})}
     elif "state_dict" in state and any(k.startswith("module.encoder_q.") for k in state["state_dict"]):
         source, file_stem = "moco", None
@@ -161,22 +171,36 @@ def load_encoder(path: str | os.PathLike, stem: str | None = None, device: str |
                               f"top-level keys: {sorted(state)[:10]}")
     if file_stem is not None and stem is not None and stem != file_stem:
         raise CheckpointError(f"checkpoint {path} was trained with stem={file_stem!r}, not {stem!r}")
-    stem = file_stem or stem or "hayat"
-    if stem not in STEMS:
-        raise CheckpointError(f"unknown stem {stem!r}; choose one of {STEMS}")
-    if "conv1.weight" not in weights:
-        raise CheckpointError(f"checkpoint {path} ({source}) has no conv1.weight: not a ResNet encoder")
-    in_channels = int(weights["conv1.weight"].shape[1])
-    encoder = build_encoder(arch, in_channels, stem)
+    if args is None:  # a ResNet: written before encoder_args were recorded, or a foreign layout
+        stem = file_stem or stem or "hayat"
+        if stem not in STEMS:
+            raise CheckpointError(f"unknown stem {stem!r}; choose one of {STEMS}")
+        if "conv1.weight" not in weights:
+            raise CheckpointError(f"checkpoint {path} ({source}) has no conv1.weight: not a ResNet encoder")
+        args = {"arch": arch, "in_channels": int(weights["conv1.weight"].shape[1]), "stem": stem}
+    try:
+        encoder = build_encoder(**args)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} ({source}) records an encoder this sslsky cannot build "
+                              f"({args}): {err}") from None
     result = encoder.load_state_dict(weights, strict=False)  # checked below, never ignored
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"checkpoint {path} ({source}, {arch}) does not match the encoder: "
                               f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
     encoder.eval().to(device)
-
+    in_channels = int(encoder.build_args["in_channels"])
     transform = eval_transform(info, info.get("survey") or survey, in_channels, path).to(device)
-    return LoadedEncoder(encoder=encoder, transform=transform, arch=arch, stem=stem, in_channels=in_channels,
-                         feature_dim=int(encoder.feature_dim), source=source, info=info)
+    return LoadedEncoder(encoder=encoder, transform=transform, arch=arch, stem=encoder.build_args.get("stem"),
+                         in_channels=in_channels, feature_dim=int(encoder.feature_dim), source=source, info=info,
+                         build_args=dict(encoder.build_args))
+
+
+def _checkpoint_prefix(state: dict) -> str | None:
+    """The prefix of the encoder's weights in a training checkpoint's ``model`` state dict (None: no encoder)."""
+    prefix = state.get("encoder_prefix")
+    if prefix:
+        return prefix if any(k.startswith(prefix) for k in state["model"]) else None
+    return next((p for p in LEGACY_ENCODER_PREFIXES if any(k.startswith(p) for k in state["model"])), None)
 
 
 def eval_transform(info: dict, survey: str | Survey | None, in_channels: int, path: Path) -> EvalTransform:

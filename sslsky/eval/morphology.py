@@ -6,7 +6,7 @@
 ``run_morph(cfg) -> dict``. ``cfg.target`` picks what is predicted:
 
 - ``class`` (default): protocols ``linear``, ``finetune``, ``scratch`` train with
-  :func:`sslsky.train.finetune.train_supervised` (cross-entropy over the classes; see that module). ``knn``
+  :func:`sslsky.eval.supervised.train_supervised` (cross-entropy over the classes; see that module). ``knn``
   trains nothing: the frozen encoder's features (eval mode, centred crop) are L2-normalised, each test galaxy
   takes its ``knn.k`` (default 15) nearest labelled train galaxies by cosine similarity, and the class is a
   **plain majority vote** (ties go to the class with the larger summed similarity); with ``knn.weighted=true``
@@ -40,7 +40,7 @@ Contract (the label-fraction sweep relies on it):
   ``ckpt_sha256``; ``knn`` (k, weighting; null for the trained protocols); ``history``, ``best_epoch``,
   ``epochs_run``, ``config``; ``prior_only``: null, or with ``optim.allow_prior`` why the kept model is only
   the prior (epoch 0; classes: or one class for every val galaxy). Without it such a model is refused: no
-  metrics.json, exit status 4, ``cfg.out/metrics.prior_only.json`` (:func:`sslsky.train.finetune.refuse_prior_only`).
+  metrics.json, exit status 4, ``cfg.out/metrics.prior_only.json`` (:func:`sslsky.eval.results.refuse_prior_only`).
   ``warnings``: why the test split is too small to mean anything (:func:`sslsky.eval.metrics.small_test_warnings`:
   fewer than 20 labelled test galaxies; classes: a train class with no test galaxy; also printed), [] when
   it is not.
@@ -75,33 +75,28 @@ import torch
 from torch import Tensor
 
 from sslsky.config import ConfigError, EvalMorphConfig, config_to_dict, write_config
+from sslsky.devices import autocast_dtype, resolve_device
+from sslsky.eval.backbone import build_backbone
 from sslsky.eval.clustering import cluster_metrics, kmeans_clusters
+from sslsky.eval.features import extract_features
 from sslsky.eval.metrics import classification_metrics, small_test_warnings, small_train_warnings
 from sslsky.eval.photoz import write_predictions
-from sslsky.locks import OutputLock, run_evaluation_locked
-from sslsky.losses import dirichlet_multinomial_nll
-from sslsky.models.byol import CONCENTRATION_MIN, CONCENTRATION_RANGE
-from sslsky.models.heads import init_prior
-from sslsky.outputs import output_dir
-from sslsky.train.finetune import (
+from sslsky.eval.results import (
     METRICS_FILE,
-    PROTOCOLS,
-    Task,
-    autocast_dtype,
-    build_backbone,
-    check_config,
     checkpoint_sha256,
     clear_train_state,
-    extract_features,
     finished_metrics,
-    label_values,
-    open_splits,
     print_warnings,
     refuse_prior_only,
-    resolve_device,
-    train_supervised,
     write_json,
 )
+from sslsky.eval.supervised import train_supervised
+from sslsky.eval.task import PROTOCOLS, Task, check_config, label_values, open_splits
+from sslsky.locks import OutputLock, run_evaluation_locked
+from sslsky.losses import dirichlet_multinomial_nll
+from sslsky.methods.votes import CONCENTRATION_MIN, CONCENTRATION_RANGE
+from sslsky.models.heads import init_prior
+from sslsky.outputs import output_dir
 from sslsky.vocabulary import MORPH_CLASSES, VoteSchema, class_names
 
 MORPH_PROTOCOLS = (*PROTOCOLS, "knn", "cluster")
@@ -258,7 +253,7 @@ def vote_concentrations(outputs: Tensor) -> Tensor:
 
 
 def vote_task(schema: VoteSchema) -> Task:
-    """The vote-fraction regression for :func:`sslsky.train.finetune.train_supervised`: a head of A outputs,
+    """The vote-fraction regression for :func:`sslsky.eval.supervised.train_supervised`: a head of A outputs,
     the Dirichlet-multinomial NLL per galaxy (summed over questions) as the loss, concentrations as output."""
     def loss(outputs: Tensor, counts: Tensor) -> Tensor:  # (B, A), (B, A) -> (B,)
         return dirichlet_multinomial_nll(vote_concentrations(outputs), counts, schema.slices, reduction="none")

@@ -3,7 +3,7 @@
     python eval_specz.py --config config/eval_specz.yaml ckpt=runs/sdss/encoder.pt data.path=packed
     sslsky eval-specz --config config/eval_specz.yaml protocol=scratch label_fraction=0.1 seed=2
 
-``run_specz(cfg) -> dict`` trains with :func:`sslsky.train.finetune.train_supervised` (protocols ``linear``,
+``run_specz(cfg) -> dict`` trains with :func:`sslsky.eval.supervised.train_supervised` (protocols ``linear``,
 ``finetune``, ``scratch``; see that module for the data, inputs and optimisation) on ``cfg.n_bins`` equal bins
 on [``z_min``, ``z_max``) (default 180 on [0, 0.4)); spectroscopic redshifts outside the range train the
 edge bins. Early stopping watches the val split's mean CRPS (less brittle than the cross-entropy of 180
@@ -25,7 +25,7 @@ Contract (the label-fraction sweep relies on it):
   the train median z for every galaxy); ``history`` (per-epoch losses, val CRPS), ``best_epoch``,
   ``epochs_run``, ``train_time_s``, ``config``; ``prior_only``: null, or with ``optim.allow_prior`` why the
   kept model is only the prior. Without it such a model is refused: no metrics.json, exit status 4,
-  ``cfg.out/metrics.prior_only.json`` (:func:`sslsky.train.finetune.refuse_prior_only`). ``warnings``: why
+  ``cfg.out/metrics.prior_only.json`` (:func:`sslsky.eval.results.refuse_prior_only`). ``warnings``: why
   the test split is too small to mean anything (:func:`sslsky.eval.metrics.small_test_warnings`: fewer than
   20 labelled test galaxies; also printed), [] when it is not.
 - ``cfg.out/predictions.h5`` (atomic): per test galaxy ``object_id``, ``z_spec``, ``ebv``, ``z_mean``,
@@ -43,6 +43,7 @@ import numpy as np
 
 from sslsky.config import EvalSpeczConfig, config_to_dict
 from sslsky.data.ids import as_id_array, write_ids
+from sslsky.data.verify import file_sha256
 from sslsky.eval.metrics import (
     OUTLIER_THRESHOLD,
     crps_binned,
@@ -54,20 +55,18 @@ from sslsky.eval.metrics import (
     small_test_warnings,
     small_train_warnings,
 )
-from sslsky.locks import OutputLock, run_evaluation_locked
-from sslsky.outputs import atomic_output, output_dir
-from sslsky.train.finetune import (
+from sslsky.eval.results import (
     METRICS_FILE,
-    Task,
-    check_config,
     clear_train_state,
-    file_sha256,
     finished_metrics,
     print_warnings,
     refuse_prior_only,
-    train_supervised,
     write_json,
 )
+from sslsky.eval.supervised import train_supervised
+from sslsky.eval.task import Task, check_config
+from sslsky.locks import OutputLock, run_evaluation_locked
+from sslsky.outputs import atomic_output, output_dir
 
 PREDICTIONS_FILE = "predictions.h5"
 POINT_ESTIMATES = ("mean", "median", "mode")

@@ -6,7 +6,7 @@ fraction x seed. Each cell is one call of :func:`sslsky.eval.photoz.run_specz`
 or :func:`sslsky.eval.morphology.run_morph` (``target=class`` for morph, ``target=votes`` for votes, both from
 ``morph_config``) with the task's base config plus the cell's overrides, writing
 ``OUT/<task>/<protocol>/frac<f>/seed<s>/metrics.json``. A cell is done when its ``metrics.json`` was made
-with the cell's resolved config and the same checkpoint bytes (:func:`sslsky.train.finetune.finished_metrics`,
+with the cell's resolved config and the same checkpoint bytes (:func:`sslsky.eval.results.finished_metrics`,
 the test the task functions themselves apply); done cells are not submitted again, so a sweep can be re-run
 after a failure or with more seeds at no cost for what is done, while a re-pretrained encoder at the same
 ``ckpt`` path or changed ``overrides`` make the stale cells run again.
@@ -135,7 +135,7 @@ class SweepTask:
 
 def is_done(cfg: SweepConfig, cell: Cell, out: Path) -> bool:
     """Whether the cell's ``metrics.json`` exists and was made with its resolved config and checkpoint bytes."""
-    from sslsky.train.finetune import finished_metrics
+    from sslsky.eval.results import finished_metrics
 
     folder = cell.folder(out)
     if not (folder / METRICS_NAME).is_file():

@@ -1,10 +1,9 @@
-"""Encoders and self-supervised models."""
+"""Encoders and the heads the methods put on them (the methods themselves: :mod:`sslsky.methods`)."""
 
-from sslsky.models.byol import BYOL, HybridBYOL, VoteModel
-from sslsky.models.encoders import ARCHITECTURES, ENCODERS, STEMS, build_encoder, encoder_options
+from sslsky.models.encoders import ARCHITECTURES, ENCODERS, STEMS, build_encoder, encoder_from_config, encoder_options
 from sslsky.models.fusion import FusionEncoder
-from sslsky.models.moco import MoCo, projection_head
+from sslsky.models.projection import bn_mlp, projection_head
 from sslsky.models.vit import ViT
 
-__all__ = ["ARCHITECTURES", "BYOL", "ENCODERS", "STEMS", "FusionEncoder", "HybridBYOL", "MoCo", "ViT", "VoteModel",
-           "build_encoder", "encoder_options", "projection_head"]
+__all__ = ["ARCHITECTURES", "ENCODERS", "STEMS", "FusionEncoder", "ViT", "bn_mlp", "build_encoder",
+           "encoder_from_config", "encoder_options", "projection_head"]

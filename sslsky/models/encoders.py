@@ -47,15 +47,21 @@ record to store next to exported weights).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 from torchvision import models
 
+from sslsky.config import config_to_dict
 from sslsky.models.fusion import FusionEncoder
 from sslsky.models.vit import ViT
+
+if TYPE_CHECKING:
+    from sslsky.config import ModelConfig
 
 #: ResNet name -> torchvision constructor (random init). Kept under this name for the callers that read
 #: ResNet weights (``sslsky.eval.encoders``); the registry of every encoder is :data:`ENCODERS`.
@@ -174,6 +180,29 @@ def build_encoder(arch: str = "resnet50", in_channels: int = 5, stem: str | None
     bound.apply_defaults()
     encoder.build_args = {"arch": arch, **bound.arguments}
     return encoder
+
+
+def takes_stem(arch: str) -> bool:
+    """Whether ``arch`` has a stem to choose (the ResNets and ``fusion``; a ``vit`` has none)."""
+    return inspect.signature(ENCODERS[arch]).parameters["stem"].default is not None
+
+
+def encoder_from_config(model: ModelConfig, in_channels: int, image_size: int) -> nn.Module:
+    """The encoder of ``model.arch`` for ``in_channels`` bands and ``image_size`` crops: the arch's options from
+    its own section (``model.vit``, ``model.fusion``; the ResNets have none), ``model.stem`` where the arch has a
+    stem. ValueError as :func:`build_encoder`, and for a changed ``model.stem`` on an arch without one."""
+    if model.arch not in ENCODERS:
+        raise ValueError(f"model.arch={model.arch!r}: choose one of {', '.join(ENCODERS)}")
+    section = getattr(model, model.arch, None)
+    options = config_to_dict(section) if dataclasses.is_dataclass(section) else {}
+    stem = None
+    if takes_stem(model.arch):
+        stem = model.stem
+    elif model.stem != type(model)().stem:
+        raise ValueError(f"model.stem={model.stem!r}: arch={model.arch!r} has no stem (its patch embedding is its "
+                         f"input layer; set model.{model.arch}.patch_size); remove model.stem from the config or set "
+                         f"it back to its default, model.stem={type(model)().stem}")
+    return build_encoder(model.arch, in_channels, stem, image_size, **options)
 
 
 def stem(encoder: models.ResNet) -> nn.Sequential:

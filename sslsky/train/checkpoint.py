@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from sslsky.errors import DataError, DiskFullError, is_no_space
+from sslsky.errors import DataError
+from sslsky.outputs import atomic_output
 
 CHECKPOINT_PATTERN = "step-{step:08d}.pt"
 _STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
@@ -33,18 +34,10 @@ def save_checkpoint(state: dict, path: str | os.PathLike, keep: int = 2) -> Path
     """Write ``state`` atomically; keep the newest ``keep`` checkpoints in that folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:  # the partial file never stays behind, whatever stopped the write
-        tmp.unlink(missing_ok=True)
-        if is_no_space(err):
-            raise DiskFullError(path, "checkpoint") from None
-        raise
+    with atomic_output(path, "checkpoint") as tmp, open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     if keep > 0:
         for old in list_checkpoints(path.parent)[:-keep]:
             old.unlink(missing_ok=True)

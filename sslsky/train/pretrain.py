@@ -1,17 +1,15 @@
-"""``sslsky pretrain``: MoCo v2, BYOL, hybrid (BYOL + votes) or votes only; DDP, on-device augmentation, exact resume.
+"""``sslsky pretrain``: any registered method (:data:`sslsky.methods.METHODS`) on DDP, with on-device
+augmentation and exact resume.
 
-Reads top to bottom: set-up (distributed, the run directory locked and a
-resume checked against the run's config, data, augmentation, model,
-optimizer), restore from the run directory, the run's files written (only
-now that everything is checked: :mod:`sslsky.train.rundir`), then the step
-loop (data -> two augmented views -> loss -> update -> log / validate /
-checkpoint), then the encoder export the evaluation scripts load.
+Reads top to bottom: set-up (distributed, the run directory locked and a resume checked against the run's
+config, data, augmentation, method, optimizer), restore from the run directory, the run's files written (only
+now that everything is checked: :mod:`sslsky.train.rundir`), then the step loop (data -> two augmented views
+-> the method's loss -> update -> the method's after-step hook -> log / validate / checkpoint), then the
+encoder export the evaluation scripts load.
 
-What is logged besides the loss depends on the method: moco, byol and hybrid log ``acc`` (in-batch
-top-1 of the contrastive pairs) and validate with ``val_top1`` (held-out contrastive top-1); votes
-(supervised Dirichlet-multinomial baseline) draws only galaxies with votes, logs ``vote_acc`` (most-voted
-answer of the first question, see :meth:`sslsky.models.byol.VoteHeadMixin.first_answer_hits`) and
-validates with ``val_loss_votes`` / ``val_vote_acc`` on the centred eval view of the labelled val galaxies.
+The trainer reaches the method only through the contract of :mod:`sslsky.methods.base`: what it logs is the
+method's metrics, what it validates with is the method's :meth:`~sslsky.methods.base.Method.held_out`, what it
+exports is the method's ``encoder``.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import SequentialSampler
@@ -36,22 +33,18 @@ from sslsky.data.shards import VOTES_LABEL, ShardDataset, batch_loader
 from sslsky.data.splits import split_mask
 from sslsky.devices import autocast_dtype, rank_device
 from sslsky.errors import DiskFullError
-from sslsky.models import BYOL, HybridBYOL, MoCo, VoteModel
+from sslsky.methods import Method, check_sections, encoder_prefix, method_class
+from sslsky.models import encoder_from_config
+from sslsky.schedules import scaled_lr, warmup_cosine
 from sslsky.surveys import Survey
 from sslsky.train.checkpoint import CHECKPOINT_PATTERN, list_checkpoints, load_latest, save_checkpoint
 from sslsky.train.preempt import PreemptionFlag, ignore_interrupt, requeue_slurm_job
 from sslsky.train.rundir import MainRankFailedError, RunDirectory, append_text, data_identity, on_main_rank
 from sslsky.train.sampler import ResumableDistributedSampler
-from sslsky.train.schedules import cosine_momentum, scaled_lr, warmup_cosine
 from sslsky.vocabulary import VoteSchema
 
 ENCODER_EXPORT = "encoder.pt"
 METRICS_FILE = "metrics.jsonl"
-
-
-METHODS = ("moco", "byol", "hybrid", "votes")
-#: Methods whose loss needs the batch's vote counts (``votes.campaigns``).
-VOTE_METHODS = ("hybrid", "votes")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -110,8 +103,8 @@ def build_augment(cfg: PretrainConfig, survey: Survey, dataset: ShardDataset) ->
 
 
 def vote_schema(cfg: PretrainConfig) -> VoteSchema | None:
-    """The vote columns of ``votes.campaigns`` for method=hybrid or votes (None for the other methods)."""
-    if cfg.method not in VOTE_METHODS:
+    """The vote columns of ``votes.campaigns`` when the method's batches carry vote counts (else None)."""
+    if "votes" not in method_class(cfg.method).batch_keys:
         return None
     try:
         return VoteSchema.from_campaigns(cfg.votes.campaigns)
@@ -119,17 +112,21 @@ def vote_schema(cfg: PretrainConfig) -> VoteSchema | None:
         raise ConfigError(str(err)) from None
 
 
-def build_model(cfg: PretrainConfig, n_bands: int) -> nn.Module:
-    if cfg.method not in METHODS:
-        raise ConfigError(f"method={cfg.method!r}: choose one of {', '.join(METHODS)}")
+def check_method_config(cfg: PretrainConfig) -> None:
+    """The method exists and no other method's (or encoder's) section is set: before any work."""
+    method_class(cfg.method)
+    check_sections(cfg)
+
+
+def build_method(cfg: PretrainConfig, n_bands: int, image_size: int, votes: VoteSchema | None) -> Method:
+    """The configured method on a new encoder of ``model.arch`` for ``n_bands`` bands and ``image_size`` crops."""
+    bands = cfg.model.n_bands or n_bands
+    if cfg.model.n_bands and cfg.model.n_bands != n_bands:
+        raise ConfigError(f"model.n_bands={cfg.model.n_bands} but the data have {n_bands} bands; "
+                          f"set model.n_bands={n_bands} (or 0 to follow the data)")
     try:
-        if cfg.method == "byol":
-            return BYOL.from_config(cfg.model, n_bands)
-        if cfg.method == "hybrid":
-            return HybridBYOL.from_config(cfg.model, n_bands, vote_schema(cfg).slices, cfg.votes.weight)
-        if cfg.method == "votes":
-            return VoteModel.from_config(cfg.model, n_bands, vote_schema(cfg).slices)
-        return MoCo.from_config(cfg.model, n_bands)
+        encoder = encoder_from_config(cfg.model, bands, image_size)
+        return method_class(cfg.method).from_config(cfg, encoder, votes)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -185,56 +182,26 @@ class MetricsLog:
 
 
 @torch.no_grad()
-def contrastive_top1(model, augment, loader, device, channels_last, batches: int, seed: int) -> float:
-    """Held-out contrastive top-1: how often a view's nearest other view (in-batch, cosine) is its pair."""
+def held_out(model: Method, augment: BatchAugment, loader, device: torch.device, cfg: PretrainConfig
+             ) -> dict[str, float]:
+    """The method's validation record on ``data.val_batches`` held-out batches (eval mode; the views drawn from
+    a generator seeded with ``seed``, so every validation sees the same views)."""
     model.eval()
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    hits, total = 0, 0
-    for i, batch in enumerate(loader):
-        if i >= batches:
-            break
-        b = batch_to_device(batch, device, channels_last)
-        v1, v2 = augment(b, generator=gen)
-        q = F.normalize(model.embed(v1), dim=1)
-        k = F.normalize(model.embed(v2), dim=1)
-        pred = (q @ k.T).argmax(dim=1)
-        hits += (pred == torch.arange(len(q), device=device)).sum().item()
-        total += len(q)
+    gen.manual_seed(cfg.seed)
+    keys = model.batch_keys
+
+    def batches():
+        for i, batch in enumerate(loader):
+            if i >= cfg.data.val_batches:
+                break
+            b = batch_to_device(batch, device, cfg.channels_last)
+            view1, view2 = augment(b, generator=gen)
+            yield {"view1": view1, "view2": view2, "image": b["image"], **{k: b[k] for k in keys}}
+
+    record = model.held_out(batches(), augment.augment.eval_view)
     model.train()
-    return hits / max(1, total)
-
-
-@torch.no_grad()
-def held_out_votes(model, augment, loader, device, channels_last, batches: int) -> dict[str, float]:
-    """Held-out vote NLL (mean over the galaxies) and first-question answer accuracy, on the centred eval view."""
-    model.eval()
-    nll_sum, count, hits, asked = 0.0, 0, 0.0, 0.0
-    for i, batch in enumerate(loader):
-        if i >= batches:
-            break
-        b = batch_to_device(batch, device, channels_last)
-        concentrations = model.concentrations(model.embed(augment.augment.eval_view(b["image"])))  # (B, A)
-        nll_sum += model.concentration_nll(concentrations, b["votes"]).sum().item()
-        count += len(concentrations)
-        h, a = model.first_answer_hits(concentrations, b["votes"])
-        hits, asked = hits + h.item(), asked + a.item()
-    model.train()
-    return {"val_loss_votes": nll_sum / max(1, count), "val_vote_acc": hits / max(1.0, asked)}
-
-
-def held_out(cfg: PretrainConfig, model, augment, loader, device) -> dict[str, float]:
-    """The validation record of the method: contrastive top-1, or vote NLL and answer accuracy (votes)."""
-    if cfg.method == "votes":
-        return held_out_votes(model, augment, loader, device, cfg.channels_last, cfg.data.val_batches)
-    return {"val_top1": contrastive_top1(model, augment, loader, device, cfg.channels_last, cfg.data.val_batches,
-                                         cfg.seed)}
-
-
-def describe_held_out(record: dict[str, float]) -> str:
-    if "val_top1" in record:
-        return f"val contrastive top-1 {record['val_top1']:.3f}"
-    return f"val vote NLL {record['val_loss_votes']:.3f}, first-answer accuracy {record['val_vote_acc']:.3f}"
+    return record
 
 
 def run_pretrain(cfg: PretrainConfig, command: list[str] | None = None) -> int:
@@ -263,6 +230,8 @@ def run_pretrain(cfg: PretrainConfig, command: list[str] | None = None) -> int:
 
 def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, command: list[str] | None = None) -> int:
     # ---- set-up ---------------------------------------------------------------------------
+    check_method_config(cfg)
+    method_cls = method_class(cfg.method)
     env = dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
     device = rank_device(cfg.device, dist.local_rank())
@@ -276,9 +245,9 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
 
     if not cfg.data.path:
         raise ConfigError("data.path is empty: point it at a packed folder (sslsky pack --out ...)")
-    schema = vote_schema(cfg)  # hybrid, votes: the items carry these vote columns
-    # votes: only galaxies with at least one vote (the others would add nothing to the loss)
-    label = VOTES_LABEL if cfg.method == "votes" else None
+    schema = vote_schema(cfg)  # a method that uses votes: the items carry these vote columns
+    # a supervised method: only galaxies with at least one vote (the others would add nothing to the loss)
+    label = VOTES_LABEL if method_cls.labelled_only else None
     try:
         train_set = ShardDataset(cfg.data.path, split="train", vote_columns=schema and schema.columns, label=label)
     except ValueError as err:
@@ -287,18 +256,19 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
         n_train = int(split_mask(train_set.index.columns["object_id"], "train").sum())
         labelled = int((train_set.vote_counts[train_set.indices].sum(axis=1) > 0).sum())
         if main:
-            drawn = "; only those are drawn" if cfg.method == "votes" else ""
+            drawn = "; only those are drawn" if method_cls.labelled_only else ""
             print(f"pretrain: {cfg.method} on {len(schema.questions)} questions / {schema.n_answers} answers; "
                   f"{labelled} of {n_train} training galaxies have votes{drawn}", flush=True)
         if labelled == 0:
             raise ConfigError(f"none of the {n_train} training galaxies in {cfg.data.path} has a vote in the "
                               f"{schema.n_answers} columns of votes.campaigns ({schema.columns[0]}...): pack a "
-                              f"catalog with vote counts, or choose method=moco or byol")
+                              f"catalog with vote counts, or choose a method without votes (moco, byol, simclr)")
     val_set = ShardDataset(cfg.data.path, split="val", vote_columns=schema and schema.columns, label=label)
     survey = data_survey(cfg, train_set.attrs)
     augment = build_augment(cfg, survey, train_set).to(device)
     n_bands = len(train_set.attrs.get("bands") or survey.bands)
-    model = build_model(cfg, n_bands).to(device)
+    crop = augment.augment.cfg.geometry.crop_size  # the side of the views (resolved for these shards)
+    model = build_method(cfg, n_bands, crop, schema).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters_to_optimize(), lr=0.0, momentum=cfg.optim.momentum,
@@ -306,11 +276,10 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
     amp_dtype = autocast_dtype(cfg.amp, device, fp16=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     global_batch = cfg.data.batch_size * world
-    if isinstance(model, MoCo):  # the queue takes whole global batches: say so now, not at the first step
-        try:
-            model.check_batch(global_batch)
-        except ValueError as err:
-            raise ConfigError(f"model.queue_size: {err}") from None
+    try:  # e.g. MoCo's queue takes whole global batches: say so now, not at the first step
+        model.check_batch(global_batch)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     peak_lr = scaled_lr(cfg.optim.base_lr, global_batch, cfg.optim.reference_batch)
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(cfg.seed * 1_000_003 + rank)
@@ -327,6 +296,8 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        if "encoder_prefix" not in state:  # written before the method contract, whose EMA of a step came at the
+            model.after_step(step, cfg.optim.total_steps)  # start of the next one: the EMA still due, exactly
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
@@ -353,7 +324,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
                           generator=torch.Generator(), worker_init_fn=ignore_interrupt)
     # Full validation batches only: the in-batch top-1 depends on the batch size (chance = 1 / batch).
     # The vote NLL is per galaxy: every labelled validation galaxy counts.
-    votes_only = cfg.method == "votes"
+    votes_only = method_cls.labelled_only
     val_loader = batch_loader(val_set, SequentialSampler(val_set), max(1, min(cfg.data.batch_size, len(val_set))),
                               drop_last=not votes_only, num_workers=0, generator=torch.Generator())
     val_every = cfg.val_every if len(val_set) >= (1 if votes_only else 2) else 0
@@ -361,7 +332,6 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
         what = "validation galaxies with votes; no vote NLL" if votes_only else \
             "validation image(s); no contrastive top-1"
         print(f"pretrain: only {len(val_set)} {what} is measured", flush=True)
-    acc_key = "vote_acc" if votes_only else "acc"  # what the model returns next to the loss
     net = model
     if world > 1:
         # Buffers (BN statistics, the queue) stay each rank's own during training: the queue is
@@ -414,6 +384,8 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
             "rng": {"torch": torch.get_rng_state(), "augment": gathered_rng,
                     **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
             "config": config_to_dict(cfg),
+            # which weights are the encoder, and how to build it: an evaluation needs no method
+            "encoder_prefix": encoder_prefix(model), "encoder_args": dict(model.encoder.build_args),
             "data_info": {"survey": survey.name, "bands": list(train_set.attrs.get("bands") or survey.bands),
                           "stats": train_set.attrs.get("stats") or {}, **data_id,  # data.path resolved, shards' sha256
                           "augment": config_to_dict(augment.augment.cfg)},  # cutout and crop sizes resolved
@@ -423,10 +395,10 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
     timers = dict.fromkeys(("data", "augment", "forward_backward", "optimizer", "sync"), 0.0)
     window_start, window_steps, stopped = time.perf_counter(), 0, False
     if step == 0 and val_every and main:  # the untrained baseline of the accuracy curve
-        record = held_out(cfg, model, augment, val_loader, device)
+        record = held_out(model, augment, val_loader, device, cfg)
         log.write({"step": 0, **record})
         if bar is None:
-            print(f"pretrain: step 0 {describe_held_out(record)}", flush=True)
+            print(f"pretrain: step 0 {model.describe(record)}", flush=True)
     dist.barrier()
     model.train()
     preempt.step = step + 1  # from here a Ctrl-C checkpoints at the end of the step it lands in
@@ -447,10 +419,8 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
             lr = warmup_cosine(step, peak_lr, cfg.optim.total_steps, cfg.optim.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if cfg.method in ("byol", "hybrid"):  # the EMA schedule is a function of the step: exact resume
-                model.momentum = cosine_momentum(step, cfg.model.byol_base_momentum, cfg.optim.total_steps)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, acc = net(view_q, view_k, b["votes"]) if cfg.method in VOTE_METHODS else net(view_q, view_k)
+                loss, metrics = net({"view1": view_q, "view2": view_k, **{k: b[k] for k in model.batch_keys}})
             if agree_any(not bool(torch.isfinite(loss.detach())), device):  # every rank stops together
                 raise TrainingDivergedError(
                     f"loss is not finite (rank {rank}: {loss.item()}) at step {step} (lr {lr:.4g}); lower "
@@ -464,31 +434,33 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
             t = now
             scaler.step(optimizer)
             scaler.update()
+            step += 1
+            model.after_step(step, cfg.optim.total_steps)  # EMA targets, queues: functions of the step
             sync(device)
             timers["optimizer"] += (now := time.perf_counter()) - t
             t = now
-            step += 1
             window_steps += 1
             stop = preempt.agreed(device)
             preempt.step = step + 1
             timers["sync"] += (now := time.perf_counter()) - t
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", **{acc_key: f"{acc.item():.2f}"})
+                shown = next(iter(metrics), None)  # the method's first metric
+                bar.set_postfix(loss=f"{loss.item():.3f}", **({shown: f"{metrics[shown].item():.2f}"} if shown else {}))
             if step % cfg.log_every == 0 or step == cfg.optim.total_steps:
                 elapsed = time.perf_counter() - window_start
-                log.write({"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(), acc_key: acc.item(),
-                           **{k: float(v) for k, v in getattr(model, "terms", {}).items()},  # vote loss terms
+                log.write({"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(),
+                           **{k: float(v) for k, v in metrics.items()},
                            "lr": lr, "images_per_s": window_steps * global_batch / elapsed,
                            **{f"time_{k}": v / window_steps for k, v in timers.items()}})
                 timers = dict.fromkeys(timers, 0.0)
                 window_start, window_steps = time.perf_counter(), 0
             if val_every and (step % val_every == 0 or step == cfg.optim.total_steps):
                 if main:
-                    record = held_out(cfg, model, augment, val_loader, device)
+                    record = held_out(model, augment, val_loader, device, cfg)
                     log.write({"step": step, **record})
                     if bar is None:
-                        print(f"pretrain: step {step} loss {loss.item():.4f} {describe_held_out(record)}", flush=True)
+                        print(f"pretrain: step {step} loss {loss.item():.4f} {model.describe(record)}", flush=True)
                 dist.barrier()
             if step % cfg.checkpoint_every == 0 or step == cfg.optim.total_steps or stop:
                 checkpoint()
@@ -565,18 +537,22 @@ def gather_rng(gen: torch.Generator) -> list[torch.Tensor]:
     return [s for s in dist.all_gather_object(state)]
 
 
-def export_encoder(model, cfg: PretrainConfig, survey: Survey, n_bands: int, attrs: dict, path: Path,
+def export_encoder(model: Method, cfg: PretrainConfig, survey: Survey, n_bands: int, attrs: dict, path: Path,
                    augment_cfg=None) -> Path:
-    """The query encoder's weights plus what an evaluation needs to rebuild it (weights_only-safe).
+    """The method's encoder weights plus what an evaluation needs to rebuild it (weights_only-safe).
 
-    ``augment_cfg``: the augmentation config with the cutout and crop sizes resolved for these shards
-    (default ``cfg.augment``), so an evaluation needs no survey to rebuild the eval view.
+    ``encoder_args``: the :func:`~sslsky.models.encoders.build_encoder` arguments of the architecture, so any
+    encoder (ResNet, vit, fusion) is rebuilt from the file alone; ``augment_cfg``: the augmentation config with
+    the cutout and crop sizes resolved for these shards (default ``cfg.augment``), so an evaluation needs no
+    survey to rebuild the eval view.
     """
+    encoder = model.encoder
     save_checkpoint({
         "format": "sslsky-encoder-v1",
-        "encoder": model.encoder_state_dict(),
+        "encoder": {name: t.detach().clone() for name, t in encoder.state_dict().items()},
+        "encoder_args": dict(encoder.build_args),
         "arch": cfg.model.arch,
-        "stem": cfg.model.stem,
+        "stem": encoder.build_args.get("stem"),
         "in_channels": n_bands,
         "feature_dim": model.feature_dim,
         "method": cfg.method,
@@ -587,4 +563,3 @@ def export_encoder(model, cfg: PretrainConfig, survey: Survey, n_bands: int, att
         "stats": attrs.get("stats", {}),
     }, path, keep=0)
     return path
-

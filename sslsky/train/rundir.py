@@ -15,7 +15,7 @@ resume was explicitly allowed to make) and, while a run is going, the lock file 
   ``config.yaml`` keeps describing how the run started. ``data.path`` is compared as a folder (relative or
   absolute, a trailing slash, a link: the same), and a copy of the same shards elsewhere (the same sha256
   list in ``manifest.json``) is the same data, said so. Keys that set the shapes of the weights
-  (:data:`SHAPE_KEYS`: ``model.arch``, ``model.dim``, ``model.queue_size`` ...) can never change on a resume.
+  (:func:`shape_keys`: ``model.arch``, ``model.moco.dim``, ``model.moco.queue_size`` ...) can never change on a resume.
 - **A damaged latest checkpoint** is a message naming it and the previous one (:meth:`RunDirectory.load`).
 - **A failed start writes nothing.** :meth:`RunDirectory.record_start` (``config.yaml`` on a fresh start,
   ``command.txt``, ``changes.jsonl``, metrics after the resumed step dropped) is called only after the
@@ -46,11 +46,12 @@ from typing import Any
 import yaml
 
 from sslsky import dist
-from sslsky.config import PretrainConfig, config_to_dict
+from sslsky.config import PretrainConfig, config_to_dict, migrate_config
 from sslsky.data.schema import MANIFEST_NAME
 from sslsky.errors import ConfigError, DataError, DiskFullError, is_no_space
 from sslsky.locks import OutputLock
-from sslsky.outputs import output_dir, refuse_other_runs
+from sslsky.methods import METHODS, foreign_sections
+from sslsky.outputs import output_dir, refuse_other_runs, write_text_atomic
 from sslsky.train.checkpoint import CheckpointDamagedError, list_checkpoints, load_checkpoint
 
 LOCK_FILE = "pretrain.lock"
@@ -92,19 +93,6 @@ def git_sha() -> str:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def _write_atomic(path: Path, text: str, what: str) -> None:
-    """``text`` to ``path`` through a temporary name; a full disk removes the partial file (DiskFullError)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if is_no_space(err):
-            raise DiskFullError(path, what) from None
-        raise
 
 
 def append_text(path: Path, text: str, what: str) -> None:
@@ -160,22 +148,18 @@ def config_differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     return diffs
 
 
-#: Keys that set the shapes of the model's weights, by the run's method (``*``: every method): a checkpoint
-#: cannot be loaded into a model built with other values, so a resume can never change them, whatever
-#: ``resume.allow_changes`` says (measured: each changes some tensor's shape of ``build_model``).
-#: ``model.stem`` is not one: both stems have the same weights (it changes the stride, not the shapes).
-SHAPE_KEYS = {
-    "*": ("method", "model.arch", "model.n_bands"),
-    "moco": ("model.dim", "model.queue_size", "model.mlp"),
-    "byol": ("model.dim", "model.byol_hidden"),
-    "hybrid": ("model.dim", "model.byol_hidden", "votes.campaigns"),
-    "votes": ("votes.campaigns",),
-}
+#: Keys that set the shapes of the weights whatever the method: a checkpoint cannot be loaded into a model
+#: built with other values, so a resume can never change them, whatever ``resume.allow_changes`` says. The
+#: encoders' option sections (``model.vit``, ``model.fusion``) are here whole; ``model.stem`` is not (both stems
+#: have the same weights: it changes the stride, not the shapes). A method adds its own
+#: (:attr:`sslsky.methods.base.Method.shape_keys`).
+SHAPE_KEYS = ("method", "model.arch", "model.n_bands", "model.vit", "model.fusion")
 
 
 def shape_keys(method: str) -> tuple[str, ...]:
-    """The keys that cannot change on a resume of a run of ``method`` (:data:`SHAPE_KEYS`)."""
-    return (*SHAPE_KEYS["*"], *SHAPE_KEYS.get(method, ()))
+    """The keys (or sections) that cannot change on a resume of a run of ``method``."""
+    cls = METHODS.get(method)
+    return (*SHAPE_KEYS, *(cls.shape_keys if cls is not None else ()))
 
 
 def shard_digests(path: str | os.PathLike) -> list[str] | None:
@@ -239,7 +223,7 @@ def check_allow_names(names: list[str], method: str) -> None:
             close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.0)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"resume.allow_changes: {name!r} is not a pretrain config key{hint}")
-    fixed = [name for name in names if name in shape_keys(method)]
+    fixed = [name for name in names if _covers(shape_keys(method), name)]
     if fixed:
         raise ConfigError(f"resume.allow_changes={names}: {fixed_message(fixed)}")
 
@@ -316,7 +300,7 @@ class RunDirectory:
 
         ``state``: the latest checkpoint (None on a fresh start: nothing to compare).
         """
-        run_config = state.get("config") if state is not None else None
+        run_config = migrate_config(state["config"]) if state is not None and state.get("config") else None
         method = str((run_config or {}).get("method") or cfg.method)
         check_allow_names(cfg.resume.allow_changes, method)
         if state is None:
@@ -325,7 +309,8 @@ class RunDirectory:
         if run_config is None:
             say(f"{self.checkpoint} stores no config; the resume cannot be checked against the run's settings")
             return []
-        diffs = config_differences(run_config, config_to_dict(cfg))
+        unread = list(foreign_sections(cfg))  # other methods' and encoders' sections: they alter nothing here
+        diffs = [d for d in config_differences(run_config, config_to_dict(cfg)) if not _covers(unread, d[0])]
         for diff in [d for d in diffs if d[0] == "data.path"]:
             same = same_data(str(diff[1] or ""), str(diff[2] or ""), state.get("data_info"))
             if same is not None:  # the same folder spelt another way, or a copy of the same shards
@@ -336,7 +321,7 @@ class RunDirectory:
                 same_data(cfg.data.path, cfg.data.path, state.get("data_info")) is None:
             # the same folder, packed again since (another dtype, catalog or config): other data under one name
             diffs.append(("data.path", "the shards the run trained on", "packed again since: other shards"))
-        fixed = [key for key, _, _ in diffs if key in shape_keys(method)]
+        fixed = [key for key, _, _ in diffs if _covers(shape_keys(method), key)]
         refused = [d for d in diffs if d[0] in fixed or not _covers(cfg.resume.allow_changes, d[0])]
         if refused:
             lines = "\n".join(f"  {key}: {show(old)} -> {show(new)}" for key, old, new in refused)
@@ -371,7 +356,7 @@ class RunDirectory:
         step = int(state["step"]) if state is not None else 0
         text = shlex.join(command or sys.argv)
         if state is None:
-            _write_atomic(self.path / CONFIG_FILE, yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config")
+            write_text_atomic(self.path / CONFIG_FILE, yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config")
         append_text(self.path / COMMAND_FILE, f"{now()} git {git_sha()} job {os.environ.get('SLURM_JOB_ID', '-')}: "
                                           f"{text}\n", "command log")
         if changes:
@@ -401,7 +386,7 @@ class RunDirectory:
             else:
                 dropped += 1
         if dropped:
-            _write_atomic(path, "".join(kept), "metrics")
+            write_text_atomic(path, "".join(kept), "metrics")
             when = f"after step {step}" if step >= 0 else "of a start that left no checkpoint"
             say(f"dropped {dropped} record(s) {when} from {path} (they are logged again)")
         return dropped

@@ -1,20 +1,19 @@
-"""MoCo v2 (He et al. 2020; Chen et al. 2020) as one ``nn.Module``, after facebookresearch/moco ``builder.py``.
+"""``method: moco``: MoCo v2 (He et al. 2020; Chen et al. 2020), after facebookresearch/moco ``builder.py``.
 
 - query encoder + projection head (MoCo v2: Linear(F, F) - ReLU - Linear(F, dim), F the encoder's
   feature dimension) receive gradients;
-- the key encoder + head are a momentum copy, ``requires_grad=False``, updated under ``torch.no_grad``
-  as ``theta_k <- m theta_k + (1 - m) theta_q`` at the start of every forward;
+- the key encoder + head are a momentum copy, ``requires_grad=False``, updated after every optimizer
+  step (:meth:`MoCo.after_step`) as ``theta_k <- m theta_k + (1 - m) theta_q``;
 - the queue ``(dim, K)`` of negatives and its pointer are registered buffers (saved in the state dict);
-  the keys of all ranks are gathered before they are enqueued, so every rank holds the same queue;
+  a step's keys, gathered from all ranks, are enqueued after the step, so every rank holds the same queue;
 - BN of the key encoder: ``"shuffle"`` shuffles the key batch across ranks (a permutation drawn on
   rank 0 and broadcast) and un-shuffles the keys, so a key's BN statistics come from other samples
   than its query's (with one process the shuffle is local); ``"syncbn"`` converts both encoders to
   :class:`~torch.nn.SyncBatchNorm` instead (statistics over the global batch; needs GPUs when more
   than one rank runs).
 
-Optimise :meth:`MoCo.parameters_to_optimize` (query encoder + head). ``model.parameters()`` also
-yields the key encoder: its parameters never get a gradient (so SGD skips them), but weight decay
-or parameter counts built from ``model.parameters()`` would be wrong.
+The state-dict keys (``encoder_q.*``, ``head_q.*``, ``encoder_k.*``, ``head_k.*``, ``queue``, ``queue_ptr``)
+are those of the checkpoints written before the method contract, so those still load and resume.
 """
 
 from __future__ import annotations
@@ -25,41 +24,37 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch import nn
+from torch import Tensor, nn
 
 from sslsky import dist
 from sslsky.losses import info_nce
-from sslsky.models.encoders import build_encoder
+from sslsky.methods.base import Method, check_views, ema_update
+from sslsky.models.projection import projection_head
 
 if TYPE_CHECKING:
-    from sslsky.config import ModelConfig
+    from sslsky.config import PretrainConfig
 
 BN_MODES = ("shuffle", "syncbn")
 
 
-def projection_head(feature_dim: int, dim: int, mlp: bool = True) -> nn.Module:
-    """MoCo v2 MLP head ``(B, F) -> (B, dim)`` (hidden width F), or one linear layer (MoCo v1) if not ``mlp``."""
-    if mlp:
-        return nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(inplace=True), nn.Linear(feature_dim, dim))
-    return nn.Linear(feature_dim, dim)
-
-
-class MoCo(nn.Module):
-    """MoCo v2 with a queue of negatives; ``forward(im_q, im_k) -> (loss, top1)``.
+class MoCo(Method):
+    """MoCo v2 with a queue of negatives; ``forward(batch) -> (loss, {"acc": top1})``.
 
     Args:
-        arch, in_channels, stem: the encoder (see :func:`sslsky.models.encoders.build_encoder`).
+        encoder: the query encoder (the key encoder starts as a copy of it).
         dim: projection dimension D.
-        queue_size: K, the number of negatives; a multiple of the global batch (checked in forward).
+        queue_size: K, the number of negatives; a multiple of the global batch (:meth:`check_batch`).
         momentum: m of the key-encoder update.
         temperature: T of InfoNCE.
         mlp: MoCo v2 MLP head (else a linear head).
         bn: ``"shuffle"`` (shuffled BN) or ``"syncbn"``.
     """
 
-    def __init__(self, arch: str = "resnet50", in_channels: int = 5, stem: str = "hayat", dim: int = 128,
-                 queue_size: int = 65536, momentum: float = 0.999, temperature: float = 0.2, mlp: bool = True,
-                 bn: str = "shuffle"):
+    section = "moco"
+    shape_keys = ("model.moco.dim", "model.moco.queue_size", "model.moco.mlp")
+
+    def __init__(self, encoder: nn.Module, dim: int = 128, queue_size: int = 65536, momentum: float = 0.999,
+                 temperature: float = 0.2, mlp: bool = True, bn: str = "shuffle"):
         super().__init__()
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
@@ -73,9 +68,9 @@ class MoCo(nn.Module):
             raise ValueError(f"unknown bn mode {bn!r}; choose 'shuffle' (shuffled BN) or 'syncbn'")
         self.dim, self.queue_size, self.momentum, self.temperature, self.bn = dim, queue_size, momentum, temperature, bn
 
-        self.encoder_q = build_encoder(arch, in_channels, stem)
-        self.feature_dim: int = self.encoder_q.feature_dim
-        self.head_q = projection_head(self.feature_dim, dim, mlp)
+        self.encoder_q = encoder
+        self.feature_dim: int = encoder.feature_dim
+        self.head_q = projection_head(self.feature_dim, dim, mlp=mlp)
         if bn == "syncbn":
             self.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_q)
         self.encoder_k = copy.deepcopy(self.encoder_q)  # same initial weights as the query encoder
@@ -85,18 +80,17 @@ class MoCo(nn.Module):
 
         self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))  # (D, K)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))  # next column to write
+        self._keys: Tensor | None = None  # this step's keys, enqueued by after_step
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, n_bands: int | None = None) -> MoCo:
-        """Build from a :class:`~sslsky.config.ModelConfig`; ``n_bands`` (from the data) fills ``cfg.n_bands = 0``."""
-        bands = cfg.n_bands or n_bands
-        if not bands:
-            raise ValueError("model.n_bands is 0 and the data gave no band count; set model.n_bands")
-        if cfg.n_bands and n_bands and cfg.n_bands != n_bands:
-            raise ValueError(f"model.n_bands={cfg.n_bands} but the data have {n_bands} bands; "
-                             f"set model.n_bands={n_bands} (or 0 to follow the data)")
-        return cls(arch=cfg.arch, in_channels=bands, stem=cfg.stem, dim=cfg.dim, queue_size=cfg.queue_size,
-                   momentum=cfg.momentum, temperature=cfg.temperature, mlp=cfg.mlp, bn=cfg.bn)
+    def from_config(cls, cfg: PretrainConfig, encoder: nn.Module, votes=None) -> MoCo:
+        m = cfg.model.moco
+        return cls(encoder, dim=m.dim, queue_size=m.queue_size, momentum=m.momentum, temperature=m.temperature,
+                   mlp=m.mlp, bn=m.bn)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.encoder_q
 
     # ---- parameters -------------------------------------------------------------------------
 
@@ -109,32 +103,22 @@ class MoCo(nn.Module):
         yield from self.encoder_k.parameters()
         yield from self.head_k.parameters()
 
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The query encoder's weights (no head): what evaluation and export load into :func:`build_encoder`."""
-        return {name: t.detach().clone() for name, t in self.encoder_q.state_dict().items()}
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Query-encoder features ``(B, C, H, W) -> (B, feature_dim)`` (before the head), for evaluation."""
-        return self.encoder_q(images)
-
     # ---- MoCo mechanics ---------------------------------------------------------------------
 
     @torch.no_grad()
     def momentum_update(self) -> None:
         """``theta_k <- m theta_k + (1 - m) theta_q`` for every key parameter (buffers are the key encoder's own)."""
-        q_params = list(self.parameters_to_optimize())
-        k_params = list(self.key_parameters())
-        torch._foreach_mul_(k_params, self.momentum)
-        torch._foreach_add_(k_params, torch._foreach_mul([p.detach() for p in q_params], 1.0 - self.momentum))
+        ema_update(self.key_parameters(), self.parameters_to_optimize(), self.momentum)
 
     def check_batch(self, global_batch: int) -> None:
         """ValueError unless K is a multiple of the global batch (so an enqueue never straddles the end)."""
         if global_batch < 1 or self.queue_size % global_batch:
-            raise ValueError(f"queue_size K={self.queue_size} is not a multiple of the global batch {global_batch} "
-                             f"(batch per rank x {dist.world_size()} ranks); pick K = n x {global_batch}")
+            raise ValueError(f"model.moco.queue_size K={self.queue_size} is not a multiple of the global batch "
+                             f"{global_batch} (batch per rank x {dist.world_size()} ranks); pick K = n x "
+                             f"{global_batch}")
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
+    def enqueue(self, keys: Tensor) -> None:
         """Gather ``(B, D)`` keys from all ranks and write them over the oldest queue columns."""
         keys = dist.all_gather_tensor(keys)
         batch = keys.shape[0]
@@ -144,7 +128,7 @@ class MoCo(nn.Module):
         self.queue_ptr[0] = (ptr + batch) % self.queue_size
 
     @torch.no_grad()
-    def _shuffle(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shuffle(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """This rank's share of the globally shuffled batch, and the inverse permutation."""
         gathered = dist.all_gather_tensor(images)  # (world * B, C, H, W)
         world = gathered.shape[0] // images.shape[0]
@@ -155,13 +139,13 @@ class MoCo(nn.Module):
         return gathered[mine], torch.argsort(perm)
 
     @torch.no_grad()
-    def _unshuffle(self, keys: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    def _unshuffle(self, keys: Tensor, inverse: Tensor) -> Tensor:
         gathered = dist.all_gather_tensor(keys)
         world = gathered.shape[0] // keys.shape[0]
         return gathered[inverse.view(world, -1)[dist.rank()]]
 
     @torch.no_grad()
-    def keys(self, im_k: torch.Tensor) -> torch.Tensor:
+    def keys(self, im_k: Tensor) -> Tensor:
         """``(B, C, H, W) -> (B, D)`` normalised keys of the key encoder (shuffled BN if configured)."""
         if self.bn == "shuffle":
             shuffled, inverse = self._shuffle(im_k)
@@ -169,23 +153,25 @@ class MoCo(nn.Module):
             return self._unshuffle(k, inverse)
         return F.normalize(self.head_k(self.encoder_k(im_k)), dim=1)
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two views ``(B, C, H, W)`` -> ``(loss, top1)``; updates the key encoder and the queue (training only).
-
-        In eval mode the key encoder and the queue are left as they are.
-        """
-        if im_q.shape != im_k.shape:
-            raise ValueError(f"the two views differ in shape: {tuple(im_q.shape)} vs {tuple(im_k.shape)}")
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Views ``view1`` (queries) and ``view2`` (keys) -> ``(loss, {"acc": top1})``; in training mode the keys
+        are kept for :meth:`after_step` to enqueue."""
+        im_q, im_k = check_views(batch)
         self.check_batch(im_q.shape[0] * dist.world_size())
         if self.bn == "syncbn" and self.training and dist.world_size() > 1 and im_q.device.type == "cpu":
-            raise RuntimeError("model.bn=syncbn needs GPUs when more than one rank runs (torch's SyncBatchNorm); "
-                               "use model.bn=shuffle on CPU")
+            raise RuntimeError("model.moco.bn=syncbn needs GPUs when more than one rank runs (torch's SyncBatchNorm); "
+                               "use model.moco.bn=shuffle on CPU")
         q = F.normalize(self.head_q(self.encoder_q(im_q)), dim=1)  # (B, D)
-        with torch.no_grad():
-            if self.training:
-                self.momentum_update()
-            k = self.keys(im_k)  # (B, D)
+        k = self.keys(im_k)  # (B, D), no gradient
         loss, top1 = info_nce(q, k, self.queue.clone(), self.temperature)
         if self.training:
-            self.enqueue(k)
-        return loss, top1
+            self._keys = k
+        return loss, {"acc": top1}
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Enqueue the step's keys, then move the key encoder towards the updated query encoder."""
+        if self._keys is not None:
+            self.enqueue(self._keys)
+            self._keys = None
+        self.momentum_update()

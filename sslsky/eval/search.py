@@ -1,0 +1,201 @@
+"""``sslsky search``: the nearest neighbours of a galaxy in an embeddings file, and the retrieval quality.
+
+``--query OBJECT_ID`` prints the ``k`` nearest neighbours by cosine similarity (:func:`search`: exact and chunked,
+or FAISS HNSW; :mod:`sslsky.eval.neighbours`) with their redshift and class, and with ``--png`` draws them
+(:func:`sslsky.eval.plots.neighbour_grid`, cutouts read from the shards); ``--evaluate`` prints
+:func:`sslsky.eval.retrieval.evaluate_retrieval`. Rows skipped for NaN/inf (or non-unit) embeddings are named in
+a warning; a damaged file is an :class:`~sslsky.eval.embeddings.EmbeddingsError` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sslsky.config import ConfigError, SearchConfig
+from sslsky.data.ids import id_text
+from sslsky.data.rgb import SURVEY_RGB_BANDS
+from sslsky.data.schema import RGB_BANDS
+from sslsky.devices import resolve_device
+from sslsky.errors import is_no_space
+from sslsky.eval.embeddings import Embeddings, EmbeddingsError, morph_class_name
+from sslsky.eval.neighbours import as_unit, topk_cosine, topk_faiss, usable_rows
+from sslsky.eval.plots import neighbour_grid
+from sslsky.eval.retrieval import evaluate_retrieval
+from sslsky.outputs import output_file, write_text_atomic
+
+
+def search(emb: Embeddings, object_id: int | str, cfg: SearchConfig,
+           skipped: set[int] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(scores (k,), rows (k,), query row) of the ``cfg.k`` nearest neighbours of ``object_id``.
+
+    A query whose embedding holds NaN/inf is an :class:`EmbeddingsError`; such database rows are skipped
+    (added to ``skipped``).
+    """
+    row = emb.rows_of([object_id])
+    query = np.asarray(emb.vectors[int(row[0]):int(row[0]) + 1], dtype=np.float32)  # (1, F)
+    if not usable_rows(as_unit(query, emb.normalized), True).all():
+        what = "a non-finite embedding (NaN/inf)" if not np.isfinite(query).all() else \
+            f"an embedding of norm {float(np.linalg.norm(query)):.3g}, not a unit vector"
+        raise EmbeddingsError(f"object_id {object_id} (row {int(row[0])}) has {what} in "
+                              f"{emb.path}, so it has no neighbours; the file was written by an older sslsky embed or "
+                              f"changed since: embed the shards again (sslsky embed now refuses such rows and says "
+                              f"why)")
+    try:
+        if cfg.index == "faiss":
+            scores, rows = topk_faiss(query, emb.vectors, cfg.k, exclude=row, hnsw_m=cfg.faiss_m,
+                                      ef_search=cfg.faiss_ef_search, chunk_size=cfg.chunk_size, skipped=skipped)
+        else:
+            scores, rows = topk_cosine(query, emb.vectors, cfg.k, cfg.chunk_size, exclude=row,
+                                       device=resolve_device(cfg.device), skipped=skipped, unit_norm=emb.normalized,
+                                       cosine=not emb.normalized)
+    except EmbeddingsError as err:
+        raise EmbeddingsError(f"{emb.path}: {err}") from None
+    return scores[0], rows[0], int(row[0])
+
+
+def _warn_skipped(emb: Embeddings, skipped: set[int]) -> None:
+    """Say how many rows (and which object ids) a search skipped for NaN/inf embeddings."""
+    if not skipped:
+        return
+    rows = np.sort(np.fromiter(skipped, np.int64, len(skipped)))
+    ids = ", ".join(id_text(i) for i in emb.columns["object_id"][rows[:5]])
+    more = f" and {rows.size - 5} more" if rows.size > 5 else ""
+    print(f"sslsky search: warning: skipped {rows.size} of {len(emb)} rows of {emb.path} whose embeddings hold "
+          f"NaN/inf{' or are not unit vectors' if emb.normalized else ''} (object_id {ids}{more}): they are never "
+          f"neighbours. The file was written by an older sslsky embed or changed since; embed the shards again to "
+          f"search them", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _reading(emb: Embeddings):
+    """A read error of the (streamed) embeddings becomes an :class:`EmbeddingsError` naming the file."""
+    try:
+        yield
+    except OSError as err:
+        if is_no_space(err):
+            raise
+        raise EmbeddingsError(f"cannot read {emb.path} ({err}): the file is damaged; make it again with "
+                              f"`sslsky embed`") from None
+
+
+def _images(emb: Embeddings, rows: list[int], data: str) -> tuple[list[np.ndarray], str, str]:
+    """Cutouts ``(C, H, W)`` of embedding rows from the shards, checked by object_id; and bands, survey."""
+    from sslsky.data.shards import ShardDataset
+
+    try:
+        dataset = ShardDataset(data)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise EmbeddingsError(f"cannot read the shards for the images (--data {data}): {err}") from None
+    ids = dataset.index.columns["object_id"]
+    images = []
+    by_id = None
+    index = emb.columns.get("index")  # absent in hand-made files: found by object_id below
+    for r in rows:
+        oid, g = emb.columns["object_id"][r].item(), int(index[r]) if index is not None else -1
+        if not (0 <= g < len(ids) and ids[g].item() == oid):  # other shards than were embedded: find by id
+            if by_id is None:
+                by_id = {v: i for i, v in enumerate(ids.tolist())}
+            if oid not in by_id:
+                raise EmbeddingsError(f"object_id {oid} is not in the shards {data}; pass the --data that was embedded "
+                                      f"({emb.attrs.get('data')})")
+            g = by_id[oid]
+        images.append(dataset.read_image(g))
+    dataset.close()
+    bands = dataset.attrs.get("bands") or emb.attrs.get("bands") or ""
+    bands = "".join(bands) if isinstance(bands, (list, tuple)) else str(bands)
+    survey = str(dataset.attrs.get("survey") or emb.attrs.get("survey") or "")
+    return images, bands, survey
+
+
+def run_search(cfg: SearchConfig) -> int:
+    """``sslsky search``: neighbours of ``cfg.query`` (printed, optional PNG grid) and/or ``cfg.evaluate``."""
+    if not cfg.embeddings:
+        raise ConfigError("sslsky search needs --embeddings FILE (made by `sslsky embed`)")
+    if cfg.query is None and not cfg.evaluate:
+        raise ConfigError("give --query OBJECT_ID, or --evaluate for the retrieval quality over all labelled rows")
+    if cfg.k < 1 or cfg.chunk_size < 1 or cfg.query_batch < 1:
+        raise ConfigError(f"k={cfg.k}, chunk_size={cfg.chunk_size} and query_batch={cfg.query_batch} must be >= 1")
+    if cfg.index not in ("exact", "faiss"):
+        raise ConfigError(f"index={cfg.index!r}: choose exact (chunked, default) or faiss (optional package)")
+    resolve_device(cfg.device)  # a device not to be had: refused before the file is opened
+    for key, example in (("png", "grid.png"), ("eval_json", "retrieval.json")):  # refused before the search
+        path = getattr(cfg, key)
+        if path and Path(path).is_dir():
+            raise ConfigError(f"{key}={path!r} is a folder: give a file name, e.g. {Path(path) / example}")
+        if path:
+            output_file(path, key)
+    with Embeddings(cfg.embeddings, cfg.cache_mb) as emb:
+        if cfg.k > len(emb) - 1:
+            raise ConfigError(f"k={cfg.k} but {emb.path} holds {len(emb)} rows ({len(emb) - 1} neighbours at most)")
+        skipped: set[int] = set()  # rows with NaN/inf embeddings, found by the searches
+        try:
+            if cfg.query is not None:
+                _print_neighbours(emb, cfg, skipped)
+            if cfg.evaluate:
+                _print_evaluation(emb, cfg, skipped)
+        finally:
+            _warn_skipped(emb, skipped)
+    return 0
+
+
+def _print_neighbours(emb: Embeddings, cfg: SearchConfig, skipped: set[int]) -> None:
+    started = time.perf_counter()
+    with _reading(emb):
+        scores, rows, qrow = search(emb, cfg.query, cfg, skipped)
+    seconds = time.perf_counter() - started
+    cols = emb.columns
+    query_class = morph_class_name(int(cols["morph_class"][qrow]), emb.attrs)
+    print(f"query {cfg.query} (row {qrow}): z={cols['z'][qrow]:.4f} class={query_class}")
+    print(f"{'rank':>4}  {'object_id':>19}  {'cosine':>7}  {'z':>7}  class")
+    for i, (score, r) in enumerate(zip(scores, rows), 1):
+        print(f"{i:>4}  {id_text(cols['object_id'][r]):>19}  {score:7.4f}  {cols['z'][r]:7.4f}  "
+              f"{morph_class_name(int(cols['morph_class'][r]), emb.attrs)}")
+    summary = (f"sslsky search: {cfg.k} neighbours of {cfg.query} among {len(emb)} embeddings "
+               f"({'exact cosine, chunks of ' + str(cfg.chunk_size) if cfg.index == 'exact' else 'FAISS HNSW'}) "
+               f"in {seconds:.3f} s")
+    if cfg.png:
+        data = cfg.data or str(emb.attrs.get("data") or "")
+        if not data:
+            raise ConfigError("--png needs --data SHARDS (the embeddings file does not say which shards it came from)")
+        images, bands, survey = _images(emb, [qrow, *rows.tolist()], data)
+        rgb = RGB_BANDS if bands == RGB_BANDS else (
+            cfg.rgb_bands or SURVEY_RGB_BANDS.get(survey, bands[-1:-4:-1] if len(bands) >= 3 else ""))
+        names = [morph_class_name(int(cols["morph_class"][r]), emb.attrs) for r in [qrow, *rows.tolist()]]
+        titles = [f"query {cfg.query}\nz={cols['z'][qrow]:.3f}\n{names[0]}"]
+        titles += [f"{i}. {id_text(cols['object_id'][r])}\ncos={s:.3f} z={cols['z'][r]:.3f}\n{names[i]}"
+                   for i, (s, r) in enumerate(zip(scores, rows), 1)]
+        try:
+            path = neighbour_grid(images, titles, bands, rgb, cfg.png, cfg.grid_columns, cfg.rgb_stretch, cfg.rgb_q)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        summary += f"; grid ({rgb} as RGB) -> {path}"
+    print(summary, flush=True)
+
+
+def _print_evaluation(emb: Embeddings, cfg: SearchConfig, skipped: set[int]) -> None:
+    started = time.perf_counter()
+    with _reading(emb):
+        result = evaluate_retrieval(emb, cfg.k, cfg.chunk_size, cfg.query_batch, cfg.eval_queries, cfg.seed,
+                                    resolve_device(cfg.device), progress=cfg.progress, skipped=skipped)
+    result["seconds"] = time.perf_counter() - started
+    result["embeddings"] = str(emb.path)
+    n, r = result["neighbours"], result["random"]
+    skipped_note = f", {result['skipped_rows']} with NaN/inf skipped" if result["skipped_rows"] else ""
+    print(f"retrieval quality, k={cfg.k}, {result['queries']} queries among {result['rows']} embeddings"
+          f"{skipped_note}:")
+    print(f"  {'':22}{'class agreement':>16}  {'median |dz|/(1+z)':>18}")
+    print(f"  {'nearest neighbours':22}{n['class_agreement']:16.3f}  {n['median_dz']:18.4f}")
+    print(f"  {'random neighbours':22}{r['class_agreement']:16.3f}  {r['median_dz']:18.4f}")
+    print(f"  {'chance (class counts)':22}{result['chance_class_agreement']:16.3f}")
+    per_class = ", ".join(f"{name} {v:.2f}" for name, v in result["class_agreement_per_class"].items())
+    print(f"  class agreement by query class: {per_class}")
+    if cfg.eval_json:
+        write_text_atomic(cfg.eval_json, json.dumps(result, indent=2), "the evaluation")
+    print(f"sslsky search: evaluated {result['queries']} queries in {result['seconds']:.2f} s"
+          + (f" -> {cfg.eval_json}" if cfg.eval_json else ""), flush=True)
