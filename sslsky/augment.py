@@ -151,6 +151,24 @@ def survey_of_images(attrs: dict, name: str = "") -> Survey | None:
                                sky_sigma=tuple(s * noise for s in base.sky_sigma))
 
 
+def data_survey(attrs: dict, wanted: str, path: str, fallback: str = "") -> Survey:
+    """The imaging of the pack at ``path`` with manifest ``attrs`` (:func:`survey_of_images`): the pack's survey,
+    checked against ``wanted`` (``data.survey``) when both are given; ``fallback`` (a checkpoint's survey) for a
+    pack that says none. A ConfigError for a mismatch, an unknown name, or a photometric pack with no survey."""
+    packed = attrs.get("survey") or ""
+    if packed and wanted and packed != wanted:
+        raise ConfigError(f"data.survey={wanted!r} but the shards in {path} are {packed!r}; drop data.survey or "
+                          f"point data.path at {wanted} shards")
+    try:
+        survey = survey_of_images(attrs, packed or wanted or fallback)
+    except ValueError as err:  # an unknown survey name
+        raise ConfigError(f"data.survey: {err}") from None
+    if survey is None:
+        raise ConfigError(f"the shards in {path!r} do not say their survey (legacy HDF5?); set data.survey=sdss or "
+                          f"data.survey=decals")
+    return survey
+
+
 def resolve_geometry(cfg: AugmentConfig, survey: Survey) -> AugmentConfig:
     """A copy of ``cfg`` with geometry.cutout_size / crop_size set (0 means the survey's), checked to fit.
 

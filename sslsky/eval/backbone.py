@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sslsky.augment import survey_of_images
+from sslsky.augment import data_survey
 from sslsky.config import ConfigError, SupervisedEvalConfig
 from sslsky.eval.encoders import CheckpointError, EvalTransform, eval_transform, load_encoder
 from sslsky.models.encoders import build_encoder
@@ -35,26 +35,13 @@ class Backbone:
     survey: Survey  # the images' (extinction coefficients, sizes); colour packs: survey_of_images' own
 
 
-def data_survey(cfg: SupervisedEvalConfig, attrs: dict, ckpt_survey: str | None = None) -> Survey:
-    """The imaging of the data (:func:`survey_of_images`: the survey from config, manifest, then checkpoint, with
-    the pack's sizes); colour-image packs need no survey."""
-    name = cfg.data.survey or attrs.get("survey") or ckpt_survey or ""
-    try:
-        survey = survey_of_images(attrs, name)
-    except ValueError as err:  # an unknown survey name
-        raise ConfigError(f"data.survey: {err}") from None
-    if survey is None:
-        raise ConfigError(f"the data in {cfg.data.path!r} do not say their survey (legacy HDF5?); "
-                          f"set data.survey=sdss or data.survey=decals")
-    return survey
-
-
 def build_backbone(cfg: SupervisedEvalConfig, attrs: dict, device: torch.device) -> Backbone:
     """The pretrained encoder of ``cfg.ckpt`` (re-initialised for scratch), or a fresh one from the config."""
     n_bands = len(attrs.get("bands") or "") or None
     if cfg.ckpt:
         try:
-            loaded = load_encoder(cfg.ckpt, stem=cfg.ckpt_stem or None, device="cpu", survey=data_survey(cfg, attrs))
+            loaded = load_encoder(cfg.ckpt, stem=cfg.ckpt_stem or None, device="cpu",
+                                  survey=data_survey(attrs, cfg.data.survey, cfg.data.path))
         except CheckpointError as err:
             raise ConfigError(f"ckpt: {err}") from None
         if n_bands is not None and loaded.in_channels != n_bands:
@@ -63,10 +50,10 @@ def build_backbone(cfg: SupervisedEvalConfig, attrs: dict, device: torch.device)
         encoder, source = loaded.encoder, loaded.source
         if cfg.protocol == "scratch":  # same network and inputs, random weights
             encoder, source = loaded.fresh(), "random"  # the same architecture (any arch), new weights
-        survey = data_survey(cfg, attrs, loaded.info.get("survey"))
+        survey = data_survey(attrs, cfg.data.survey, cfg.data.path, loaded.info.get("survey") or "")
         return Backbone(encoder.to(device), loaded.transform.to(device), loaded.arch, loaded.stem,
                         loaded.in_channels, loaded.feature_dim, source, survey)
-    survey = data_survey(cfg, attrs)
+    survey = data_survey(attrs, cfg.data.survey, cfg.data.path)
     in_channels = n_bands or survey.n_bands
     encoder = build_encoder(cfg.arch, in_channels, cfg.stem)
     info = {"stats": attrs.get("stats") or {}, "augment": {"geometry": {"crop_size": cfg.crop_size}}}

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import SequentialSampler
 
 from sslsky import dist
-from sslsky.augment import AstroAugment, resolve_geometry, survey_of_images
+from sslsky.augment import AstroAugment, data_survey, resolve_geometry
 from sslsky.config import ConfigError, PretrainConfig, config_to_dict
 from sslsky.data.schema import PER_BAND_COLUMNS
 from sslsky.data.shards import VOTES_LABEL, ShardDataset, batch_loader
@@ -61,23 +61,6 @@ class BatchAugment(nn.Module):
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.augment(batch["image"], batch.get("ebv"), batch.get("psf_fwhm"), batch.get("sky_sigma"),
                             generator=generator)
-
-
-def data_survey(cfg: PretrainConfig, attrs: dict) -> Survey:
-    """The imaging of the shards (:func:`survey_of_images`: survey, the pack's sizes; colour packs need none),
-    checked against ``data.survey`` when both are given."""
-    packed, wanted = attrs.get("survey") or "", cfg.data.survey
-    if packed and wanted and packed != wanted:
-        raise ConfigError(f"data.survey={wanted!r} but the shards in {cfg.data.path} are {packed!r}; "
-                          f"drop data.survey or point data.path at {wanted} shards")
-    try:
-        survey = survey_of_images(attrs, packed or wanted)
-    except ValueError as err:  # an unknown survey name
-        raise ConfigError(f"data.survey: {err}") from None
-    if survey is None:
-        raise ConfigError(f"the shards in {cfg.data.path!r} do not say their survey (legacy HDF5?); "
-                          f"set data.survey=sdss or data.survey=decals")
-    return survey
 
 
 def build_augment(cfg: PretrainConfig, survey: Survey, dataset: ShardDataset) -> BatchAugment:
@@ -264,7 +247,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
                               f"{schema.n_answers} columns of votes.campaigns ({schema.columns[0]}...): pack a "
                               f"catalog with vote counts, or choose a method without votes (moco, byol, simclr)")
     val_set = ShardDataset(cfg.data.path, split="val", vote_columns=schema and schema.columns, label=label)
-    survey = data_survey(cfg, train_set.attrs)
+    survey = data_survey(train_set.attrs, cfg.data.survey, cfg.data.path)
     augment = build_augment(cfg, survey, train_set).to(device)
     n_bands = len(train_set.attrs.get("bands") or survey.bands)
     crop = augment.augment.cfg.geometry.crop_size  # the side of the views (resolved for these shards)
