@@ -14,7 +14,8 @@ few labels. Stages, each in ``--workdir`` so that a rerun resumes:
 2. ``sslsky pack``;
 3. ``sslsky pretrain`` once per ``--methods`` (default moco, byol, hybrid, votes), all from
    ``config/pretrain_demo.yaml`` (ResNet-18, ImageNet stem, 32x32 crops, the same astro augmentations,
-   seed, batch and step count), on the train split; only ``method`` differs;
+   seed, batch and step count), on the train split; only ``method`` differs (byol, hybrid and votes also
+   reset the config's MoCo section, ``model.moco={}``: another method's changed section is a config error);
 4. transfer to the catalog's ``morph_class`` (7 classes) with ``--labels`` labelled train galaxies (a
    seeded subset per ``--seeds``, nested across counts; the same subsets for every method): ``linear``
    probe and ``knn`` (k=15, cosine) on the frozen features of every method at every label count;
@@ -83,10 +84,18 @@ def stage_mock(args, work: Path) -> str:
     return f"{args.n_galaxies} galaxies on {ranks} rank(s)"
 
 
+def pretrain_overrides(args, work: Path, method: str) -> list[str]:
+    """label_efficiency's schedule in ``pretrain_<method>``; a method other than moco clears the config's
+    ``model.moco`` section (config/pretrain_demo.yaml is a MoCo config: another method's changed section is a
+    config error)."""
+    overrides = [f"method={method}", *(["model.moco={}"] if method != "moco" else []),
+                 *le.pretrain_overrides(args, work)]
+    return [o if not o.startswith("run_dir=") else f"run_dir={work / f'pretrain_{method}'}" for o in overrides]
+
+
 def stage_pretrain(args, work: Path, method: str) -> str:
     folder = work / f"pretrain_{method}"
-    overrides = [f"method={method}", *le.pretrain_overrides(args, work)]
-    overrides = [o if not o.startswith("run_dir=") else f"run_dir={folder}" for o in overrides]
+    overrides = pretrain_overrides(args, work, method)
     knobs = {"config": str(le.PRETRAIN_CONFIG.relative_to(REPO)), "overrides": overrides}
     if le.check_stamp(folder, knobs, (folder / ENCODER_EXPORT).is_file()):
         note = "skipped: encoder exists"

@@ -40,6 +40,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return run_verify(args.data)
 
 
+def cmd_symbols(args: argparse.Namespace) -> int:
+    """The schematic symbols of image–symbol–text alignment, for a person to look at: ``OUT/symbols.png``
+    (every kind, its variants in a row) and ``OUT/symbols.json`` (which kinds stand for each class and answer)."""
+    import json
+
+    from sslsky.data.symbols import ANSWER_SYMBOLS, CLASS_SYMBOLS, write_sheet
+    from sslsky.outputs import output_dir, write_text_atomic
+
+    if args.size < 8 or args.variants < 1:
+        raise ConfigError(f"--size {args.size} --variants {args.variants}: give a size of at least 8 pixels and "
+                          f"at least 1 variant")
+    out = output_dir(args.out, "--out")
+    sheet = write_sheet(out / "symbols.png", size=args.size, n_variants=args.variants)
+    table = {"classes": {name: list(kinds) for name, kinds in CLASS_SYMBOLS.items()},
+             "answers": {f"{q}/{a}": kind for (q, a), kind in ANSWER_SYMBOLS.items()}}
+    write_text_atomic(out / "symbols.json", json.dumps(table, indent=1) + "\n", "symbol table")
+    print(f"symbols: {sheet} ({args.variants} variants of each kind at {args.size} px) and {out / 'symbols.json'}")
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     from sslsky.train.pretrain import TrainingDivergedError, run_pretrain
@@ -63,9 +83,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from sslsky.config import EmbedConfig
 
-    cfg = load_config(EmbedConfig, args.config, args.overrides, ckpt=args.ckpt, data=args.data, out=args.out)
+    cfg = load_config(EmbedConfig, args.config, args.overrides, ckpt=args.ckpt, data=args.data, out=args.out,
+                      space=args.space)
     from sslsky.eval.embed import run_embed
-    from sslsky.eval.encoders import CheckpointError
+    from sslsky.models.loading import CheckpointError
 
     try:
         return run_embed(cfg)
@@ -81,8 +102,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from sslsky.config import SearchConfig
 
     cfg = load_config(SearchConfig, args.config, args.overrides, embeddings=args.embeddings, query=args.query,
-                      k=args.k, data=args.data, png=args.png, chunk_size=args.chunk_size, index=args.index,
-                      evaluate=args.evaluate or None)
+                      text=args.text, symbol=args.symbol, k=args.k, data=args.data, png=args.png,
+                      chunk_size=args.chunk_size, index=args.index, evaluate=args.evaluate or None)
     from sslsky.eval.embeddings import EmbeddingsError
     from sslsky.eval.search import run_search
 
@@ -167,8 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", help="packed folder (with manifest.json) or one shard file")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("pretrain", help="self-supervised pretraining (MoCo v2) on packed shards; DDP under "
-                                        "torchrun or srun; restarting resumes from run_dir",
+    p = sub.add_parser("symbols", help="draw the schematic symbols of image-symbol-text alignment (method=align) "
+                                       "as a PNG sheet, with the table of which symbols stand for each class and "
+                                       "answer")
+    p.add_argument("--out", required=True, help="output folder: symbols.png, symbols.json")
+    p.add_argument("--size", type=int, default=96, help="pixels per symbol (default 96)")
+    p.add_argument("--variants", type=int, default=4, help="variants per kind: orientation, size, line width")
+    p.set_defaults(func=cmd_symbols)
+
+    p = sub.add_parser("pretrain", help="self-supervised pretraining (MoCo v2, BYOL, hybrid, votes, SimCLR, "
+                                        "align) on packed shards; DDP under torchrun or srun; restarting resumes "
+                                        "from run_dir",
                        epilog="exit status: 0 finished or checkpointed on a stop signal (USR2/SIGTERM), "
                               "2 config, data or disk-full error, or run_dir in use by another run (a resume that "
                               "changes a setting that alters the result needs resume.allow_changes=[key,...]), "
@@ -190,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", help="encoder: sslsky encoder.pt / checkpoint, MoCo or ssl-sky-surveys checkpoint")
     p.add_argument("--data", help="packed shards (folder with manifest.json) or one HDF5 file")
     p.add_argument("--out", help="output HDF5: embeddings (N, F), object_id, z, ebv, morph_class, index")
+    p.add_argument("--space", choices=["features", "aligned"], help="features: the encoder's features (default) | "
+                   "aligned: an align run's image-text-symbol space, normalize(embed_image(x)), for search --text / "
+                   "--symbol (same as space=aligned)")
     _add_config_args(p)
     p.set_defaults(func=cmd_embed)
 
@@ -203,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", help="file written by sslsky embed")
     p.add_argument("--query", metavar="OBJECT_ID", help="object_id whose neighbours to find: an integer, or a name "
                    "such as J000411.19+020924.0 for a catalog keyed by text")
+    p.add_argument("--text", help="find the galaxies nearest to this caption (text tower of the align run; "
+                   "embeddings of space=aligned), e.g. \"edge-on disk with a dust lane\"")
+    p.add_argument("--symbol", metavar="CLASS", help="find the galaxies nearest to this class's symbol prototype "
+                   "(space=aligned), e.g. \"edge-on disk\"")
     p.add_argument("--k", type=int, help="number of neighbours (default 10)")
     p.add_argument("--data", help="shards to read the images for --png (default: those that were embedded)")
     p.add_argument("--png", help="write a grid of the query and its neighbours (Lupton et al. 2004 RGB) here")
@@ -211,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(approximate; optional package)")
     p.add_argument("--evaluate", action="store_true", help="fraction of neighbours sharing the query's class and "
                                                            "median |dz|/(1+z), vs random neighbours, over all "
-                                                           "labelled rows")
+                                                           "labelled rows; precision@k and mAP@k (relevant: same "
+                                                           "class) image -> image, and text / symbol -> image for "
+                                                           "aligned embeddings")
     _add_config_args(p)
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("eval-specz", help="photo-z from images: redshift bins (linear / finetune / scratch), "
@@ -222,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_eval_specz)
 
-    p = sub.add_parser("eval-morph", help="morphology from images (linear / finetune / scratch / knn): classes "
+    p = sub.add_parser("eval-morph", help="morphology from images (linear / finetune / scratch / knn / cluster / "
+                                          "zeroshot): classes "
                                           "(target=class, confusion-matrix plot) or Galaxy Zoo vote fractions "
                                           "(target=votes, Dirichlet-multinomial); metrics.json, predictions.h5",
                        epilog="exit status: 0 done (or already done for this config), 2 config, checkpoint or data "

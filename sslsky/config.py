@@ -197,7 +197,74 @@ class SimclrConfig:
 
     dim: int = checked(128, ">= 1")  # projection dimension
     hidden: int = checked(0, ">= 0")  # hidden width of the 2-layer projection MLP; 0: the encoder's feature dim
-    temperature: float = checked(0.1, "> 0")  # NT-Xent temperature (0.1 as in Wei et al. 2022)
+    # NT-Xent temperature (0.1 as in Wei et al. 2022)
+    temperature: float = checked(0.1, ">= 0.001", why="a smaller one makes the logits too large for float32 arithmetic")
+
+
+def _default_class_captions() -> dict[str, list[str]]:
+    """Captions of the morphology classes (:data:`sslsky.vocabulary.MORPH_CLASSES`), several per class."""
+    return {
+        "round smooth": ["a smooth, round galaxy", "a round elliptical galaxy", "a smooth galaxy, round in shape"],
+        "in-between smooth": ["a smooth galaxy, in between round and cigar-shaped", "a smooth, oval galaxy",
+                              "an elliptical galaxy of middling elongation"],
+        "cigar smooth": ["a smooth, cigar-shaped galaxy", "an elongated smooth galaxy",
+                         "a smooth galaxy, long and thin like a cigar"],
+        "edge-on disk": ["an edge-on disk galaxy", "a disk galaxy seen edge-on", "an edge-on disk with a bulge",
+                         "an edge-on disk with a dust lane"],
+        "barred spiral": ["a spiral galaxy with a bar", "a barred spiral galaxy", "a face-on disk with a bar and arms"],
+        "unbarred spiral": ["a spiral galaxy without a bar", "a spiral galaxy with two arms",
+                            "a spiral galaxy with many arms"],
+        "merger/disturbed": ["a merging galaxy", "a disturbed galaxy with a tidal tail", "two galaxies merging"],
+    }
+
+
+def _default_answer_phrases() -> dict[str, str]:
+    """Phrases of the answers of :data:`sslsky.vocabulary.VOTE_TREE` (``question/answer``; '' says nothing)."""
+    return {
+        "smooth-or-featured/smooth": "smooth", "smooth-or-featured/featured": "featured with a disk",
+        "smooth-or-featured/artifact": "an artifact", "how-rounded/round": "round",
+        "how-rounded/in-between": "in between round and cigar-shaped", "how-rounded/cigar": "cigar-shaped",
+        "disk-edge-on/yes": "seen edge-on", "disk-edge-on/no": "seen face-on", "has-bar/yes": "barred",
+        "has-bar/no": "without a bar", "spiral-arms/yes": "with spiral arms", "spiral-arms/no": "without arms",
+        "merging/none": "", "merging/minor": "merging with a smaller galaxy", "merging/major": "in a major merger",
+    }
+
+
+@dataclasses.dataclass
+class AlignConfig:
+    """``method: align`` (GalaxAlign, Wang, Wang & Luo 2024): image, symbol and text towers aligned (CLIP loss)."""
+
+    @dataclasses.dataclass
+    class Stage:
+        """One stage: its steps, where the symbols go and each pair's weight in the loss."""
+
+        steps: int = checked(1, ">= 1")
+        # image: symbols through the image tower (GalaxAlign's stage 1) | own: the symbol tower, initialised from
+        # the image tower when such a stage follows an image one (their stage 2)
+        symbol_tower: str = checked("image", "one of image, own")
+        image_text: float = checked(1.0, ">= 0")
+        image_symbol: float = checked(0.0, ">= 0")
+        symbol_text: float = checked(1.0, ">= 0")
+        image_image: float = checked(0.0, ">= 0")  # > 0: every galaxy drawn, the unlabelled ones train this term
+
+    init: str = ""  # the image tower's start: any encoder file sslsky reads (encoder.pt, MoCo, ...); '' random
+    labels: str = checked("morph_class", "one of morph_class, votes")  # captions and symbols from what
+    embed_dim: int = checked(128, ">= 1")  # the shared embedding space
+    context: int = checked(32, ">= 4")  # text tokens, <sot> and <eot> included
+    text_width: int = checked(128, ">= 1")
+    text_depth: int = checked(4, ">= 1")
+    text_heads: int = checked(4, ">= 1")
+    symbol_variants: int = checked(8, ">= 1")  # drawn per galaxy: orientation, size, line width
+    # galaxies of the same label are positives of each other too (UniCL, Yang et al. 2022): with a few classes a
+    # batch holds many identical captions, which plain CLIP targets would push apart; false: CLIP's own targets
+    same_label_positive: bool = True
+    logit_scale: float = checked(math.log(1 / 0.07), "> 0")  # ln of the initial scale (CLIP)
+    logit_scale_max: float = checked(math.log(100.0), "> 0")  # the clamp (CLIP)
+    # the stages' steps add up to optim.total_steps; [] one image stage (image_text + symbol_text)
+    stages: list[Stage] = dataclasses.field(default_factory=list)
+    class_captions: dict[str, list[str]] = dataclasses.field(default_factory=_default_class_captions)
+    answer_phrases: dict[str, str] = dataclasses.field(default_factory=_default_answer_phrases)
+    vote_caption: str = "a galaxy that is {answers}"  # a vote path's caption; {answers}: its answers' phrases
 
 
 @dataclasses.dataclass
@@ -246,6 +313,7 @@ class ModelConfig:
     moco: MocoConfig = dataclasses.field(default_factory=MocoConfig)
     byol: ByolConfig = dataclasses.field(default_factory=ByolConfig)
     simclr: SimclrConfig = dataclasses.field(default_factory=SimclrConfig)
+    align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
 
 
 #: Flat ``model.*`` keys of configs written before each method had its own section -> their keys now.
@@ -346,19 +414,27 @@ class DataConfig:
 
     path: str = ""  # packed folder (manifest.json + shard-*.h5) or one ssl-sky-surveys HDF5 file
     survey: str = ""  # sdss | decals; empty: from the manifest (needed for legacy files without one)
-    batch_size: int = checked(256, ">= 1")  # per rank; the global batch is batch_size x ranks
+    # per rank; the global batch is batch_size x ranks
+    batch_size: int = checked(256, ">= 2", why="in-batch contrast and BatchNorm need two images per rank")
     num_workers: int = checked(4, ">= 0")  # DataLoader workers per rank (persistent, pinned memory on GPU)
     # held-out (split=val) batches for the contrastive top-1 (votes: the vote NLL)
     val_batches: int = checked(10, ">= 1")
+    # a method that learns from labels (votes, align) uses those of this seeded fraction of the labelled train
+    # galaxies only: the subset eval-morph takes with the same label_fraction and seed (label-efficiency studies)
+    label_fraction: float = checked(1.0, "in (0, 1]")
+    label_seed: int = checked(0, ">= 0")
 
 
 @dataclasses.dataclass
 class OptimConfig:
-    """SGD with linear lr scaling, warm-up and cosine decay (schedules are functions of the step)."""
+    """SGD (or AdamW) with linear lr scaling, warm-up and cosine decay (schedules are functions of the step)."""
 
+    # sgd (momentum, the methods' default) | adamw (betas 0.9, 0.98 as CLIP: transformers trained from scratch,
+    # e.g. the text tower of method=align)
+    name: str = checked("sgd", "one of sgd, adamw")
     base_lr: float = checked(0.03, "> 0")  # lr = base_lr x global_batch / reference_batch (Goyal et al. 2017)
     reference_batch: int = checked(256, ">= 1")
-    momentum: float = checked(0.9, "in [0, 1)")
+    momentum: float = checked(0.9, "in [0, 1)")  # sgd only
     weight_decay: float = checked(1e-4, ">= 0")
     total_steps: int = checked(200_000, "in [1, 1e12]")
     warmup_steps: int = checked(2_000, ">= 0")  # linear warm-up (pretrain warns when it outlasts total_steps)
@@ -413,7 +489,7 @@ class PretrainConfig:
 
     # moco (MoCo v2) | byol (BYOL) | hybrid (BYOL + Dirichlet-multinomial vote loss) | votes (the vote loss alone,
     # the supervised baseline of Walmsley et al. 2022; trains on the galaxies with votes only) | simclr (SimCLR,
-    # NT-Xent); the registry is sslsky.methods.METHODS
+    # NT-Xent) | align (image-symbol-text alignment, GalaxAlign; model.align); the registry is sslsky.methods.METHODS
     method: str = "moco"
     run_dir: str = "runs/pretrain"  # checkpoints/, metrics.jsonl, config.yaml, encoder.pt; a restart resumes here
     seed: int = checked(0, ">= 0")
@@ -545,6 +621,8 @@ class EvalMorphConfig(SupervisedEvalConfig):
     """``sslsky eval-morph``: morphology classes from the catalog's ``morph_class``, or vote fractions."""
 
     out: str = "runs/eval_morph"
+    # protocol: also knn (frozen features, nearest labelled train galaxies), cluster (k-means of the test features)
+    # and zeroshot (an align run's encoder.pt: nearest text / symbol class prototype; sslsky.eval.morphology)
     # class: the catalog's morph_class (cross-entropy) | votes: the volunteers' vote fractions of the votes.campaigns
     # trees (Dirichlet-multinomial; rows with at least one vote)
     target: str = "class"
@@ -602,6 +680,9 @@ class EmbedConfig:
     amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none
     channels_last: bool = True  # NHWC on GPU (no effect on CPU)
     progress: bool = True  # progress on rank 0: a bar on a terminal, a line a minute in a log
+    # features: the encoder's L2-normalised features | aligned: an align run's shared image-text-symbol space,
+    # normalize(embed_image(x)), which sslsky search --text / --symbol queries need
+    space: str = checked("features", "one of features, aligned")
 
 
 @dataclasses.dataclass
@@ -610,6 +691,9 @@ class SearchConfig:
 
     embeddings: str = ""  # file written by sslsky embed
     query: int | str | None = None  # object_id to find neighbours of (an integer, or a name for text ids)
+    text: str = ""  # a caption to find galaxies for (the text tower; an embeddings file of space=aligned)
+    symbol: str = ""  # a class name whose symbol prototype to find galaxies for (space=aligned)
+    ckpt: str = ""  # the align encoder.pt for --text / --symbol / --evaluate; empty: the one the file was embedded with
     k: int = checked(10, ">= 1")  # neighbours (the query itself excluded)
     # database rows per block: memory ~ chunk_size x (F + queries) x 4 bytes, never N x N
     chunk_size: int = checked(65536, ">= 1")

@@ -135,6 +135,86 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1,
     return loss, top1.detach()
 
 
+def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float,
+              mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+              gather: bool = True) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss (Radford et al. 2021) between paired rows of ``a`` and ``b``.
+
+    With ``â``, ``b̂`` the L2-normalised rows and ``s = exp(logit_scale)``, the logits are ``s â b̂ᵀ``; the loss is
+    the mean of the cross-entropy over rows (each ``a_i`` picks its ``b_i`` among the ``b``) and over columns
+    (each ``b_j`` picks its ``a_j``)::
+
+        loss = ( mean_i CE(s â_i b̂ᵀ, i) + mean_j CE(s b̂_j âᵀ, j) ) / 2
+
+    ``mask`` ``(B,)`` bool: only the rows with ``True`` take part, as anchors and as candidates (galaxies without
+    a label). ``labels`` ``(B,)`` int: pairs of the same label are positives too (UniCL, Yang et al. 2022): the
+    target of row i is spread evenly over the columns with row i's label instead of column i alone, so two
+    galaxies of one class with the same caption are not pushed apart; with all labels distinct it is CLIP's.
+
+    Under ``torch.distributed`` (initialised, world > 1, ``gather=True``) the candidates are every
+    rank's rows, gathered with :func:`gather_with_grad`; each rank returns its share of the global loss (its own
+    anchors' cross-entropies over the global number of pairs, times the world size) plus a constant that makes
+    the value the global loss itself on every rank, so the mean over ranks and the DDP-averaged gradients equal
+    one process's on the combined batch. No pair anywhere: 0 (with a gradient of zeros).
+
+    Args:
+        a, b: ``(B, D)``, any norm; row i of ``a`` is paired with row i of ``b``. Every rank the same B.
+        logit_scale: ln of the scale (a learnable scalar in CLIP; clamp it before, as the caller wishes).
+        mask: ``(B,)`` bool rows that take part (default all).
+        labels: ``(B,)`` int64 label of each row (default: every row its own).
+
+    Computed in float32 (float64 stays float64) with autocast off.
+    """
+    if a.dim() != 2 or a.shape != b.shape or a.shape[0] == 0:
+        raise ValueError(f"a and b must both be (B, D) with B >= 1; got {tuple(a.shape)} and {tuple(b.shape)}")
+    batch = a.shape[0]
+    mask = torch.ones(batch, dtype=torch.bool, device=a.device) if mask is None else mask.to(torch.bool)
+    if mask.shape != (batch,):
+        raise ValueError(f"mask must be ({batch},), got {tuple(mask.shape)}")
+    if labels is not None and tuple(labels.shape) != (batch,):
+        raise ValueError(f"labels must be ({batch},), got {tuple(labels.shape)}")
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    with torch.autocast(a.device.type, enabled=False):
+        a_hat, b_hat = F.normalize(a.to(dtype), dim=1), F.normalize(b.to(dtype), dim=1)
+        world = _world() if gather else 1
+        own = torch.arange(batch, device=a.device)
+        if world > 1:
+            all_a, all_b = gather_with_grad(a_hat), gather_with_grad(b_hat)
+            all_mask = torch.cat(_all_gather(mask))
+            offset = torch_dist.get_rank() * batch
+        else:
+            all_a, all_b, all_mask, offset = a_hat, b_hat, mask, 0
+        if labels is None:  # every row its own label: the global row number
+            labels, all_labels = offset + own, torch.arange(world * batch, device=a.device)
+        else:
+            labels = labels.to(device=a.device, dtype=torch.int64)
+            all_labels = torch.cat(_all_gather(labels)) if world > 1 else labels
+        scale = torch.as_tensor(logit_scale, dtype=dtype, device=a.device).exp()
+        blocked = torch.finfo(dtype).min
+        rows = (scale * a_hat @ all_b.T).masked_fill(~all_mask[None, :], blocked)  # (B, world B)
+        cols = (scale * b_hat @ all_a.T).masked_fill(~all_mask[None, :], blocked)
+        target = ((labels[:, None] == all_labels[None, :]) & all_mask[None, :]).to(dtype)  # (B, world B)
+        target = target / target.sum(dim=1, keepdim=True).clamp(min=1)
+        per_pair = 0.5 * (-(target * F.log_softmax(rows, dim=1)).sum(dim=1)
+                          - (target * F.log_softmax(cols, dim=1)).sum(dim=1))
+        per_pair = torch.where(mask, per_pair, torch.zeros_like(per_pair))
+        count = all_mask.sum().to(dtype)
+        share = world * per_pair.sum() / count.clamp(min=1)
+        if world > 1:
+            total = per_pair.detach().sum()
+            torch_dist.all_reduce(total)
+            value = total / count.clamp(min=1)
+        else:
+            value = share.detach()
+        return share + (value - share).detach()
+
+
+def _all_gather(x: torch.Tensor) -> list[torch.Tensor]:
+    out = [torch.empty_like(x) for _ in range(torch_dist.get_world_size())]
+    torch_dist.all_gather(out, x.contiguous())
+    return out
+
+
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL regression loss (Grill et al. 2020): ``mean_i (2 - 2 cos(p_i, z_i))`` = mean squared distance of the
     L2-normalised vectors.

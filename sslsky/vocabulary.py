@@ -84,12 +84,14 @@ class VoteSchema:
         questions: the Q questions as ``<prefix><question>``.
         slices: Q ``(start, stop)`` column ranges, one per question.
         parents: Q column index of the answer leading to each question (None: asked of everyone).
+        names: the Q question names without the campaign prefix (``smooth-or-featured``).
     """
 
     columns: tuple[str, ...]
     questions: tuple[str, ...]
     slices: tuple[tuple[int, int], ...]
     parents: tuple[int | None, ...]
+    names: tuple[str, ...] = ()
 
     @property
     def n_answers(self) -> int:
@@ -108,6 +110,7 @@ class VoteSchema:
         questions: list[str] = []
         slices: list[tuple[int, int]] = []
         parents: list[int | None] = []
+        names: list[str] = []
         for c, campaign in enumerate(campaigns):
             prefix = campaign.prefix
             where = f"votes.campaigns[{c}] (prefix {prefix!r})"
@@ -134,11 +137,12 @@ class VoteSchema:
                     columns.append(f"{prefix}{name}_{answer}")
                 slices.append((start, len(columns)))
                 questions.append(f"{prefix}{name}")
+                names.append(name)
         repeated = sorted({col for col in columns if columns.count(col) > 1})
         if repeated:
             raise ValueError(f"vote columns {repeated} appear in more than one campaign; give the campaigns "
                              f"different prefixes")
-        return cls(tuple(columns), tuple(questions), tuple(slices), tuple(parents))
+        return cls(tuple(columns), tuple(questions), tuple(slices), tuple(parents), tuple(names))
 
 
 def default_vote_schema() -> VoteSchema:

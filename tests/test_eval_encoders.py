@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sslsky.eval.encoders import CheckpointError, load_encoder
 from sslsky.models import build_encoder
+from sslsky.models.loading import CheckpointError, load_encoder
 
 
 def features(encoder, x):

@@ -16,7 +16,7 @@ import sslsky.eval.morphology as morphology
 from sslsky.cli import main
 from sslsky.config import EvalMorphConfig, load_config
 from sslsky.data.shards import ShardDataset
-from sslsky.eval.encoders import load_encoder
+from sslsky.models.loading import load_encoder
 from sslsky.vocabulary import MORPH_CLASSES
 
 TASK_KEYS = ("n_train_labels", "protocol", "label_fraction", "seed", "accuracy", "macro_f1", "recall")

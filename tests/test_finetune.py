@@ -17,13 +17,13 @@ from sslsky.cli import main
 from sslsky.config import EvalMorphConfig, load_config
 from sslsky.eval import supervised
 from sslsky.eval.backbone import Predictor
-from sslsky.eval.encoders import load_encoder
 from sslsky.eval.morphology import run_morph
 from sslsky.eval.results import PRIOR_ONLY_FILE, TRAIN_STATE
 from sslsky.eval.supervised import optimizer_groups, recalibrate_batchnorm, train_supervised
 from sslsky.eval.task import Task
 from sslsky.models.encoders import build_encoder
 from sslsky.models.heads import build_head
+from sslsky.models.loading import load_encoder
 from sslsky.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -307,7 +307,7 @@ def tiny_run(request, packed_mock, tmp_path_factory) -> TinyRun:
 
 
 def test_tiny_run_checkpoints_exports_and_logs(tiny_run, packed_mock):
-    from sslsky.eval.encoders import load_encoder
+    from sslsky.models.loading import load_encoder
     from sslsky.train.checkpoint import list_checkpoints, load_checkpoint
 
     train = [r for r in tiny_run.records if "loss" in r]

@@ -36,10 +36,10 @@ from torch.nn.parallel import DistributedDataParallel
 from sslsky.cli import main
 from sslsky.config import ConfigError, PretrainConfig, config_from_dict, config_to_dict, load_config, migrate_config
 from sslsky.data.schema import MANIFEST_NAME
-from sslsky.eval.encoders import load_encoder
 from sslsky.methods import METHODS, SimCLR, check_sections
 from sslsky.methods.base import Method, check_views
 from sslsky.models.encoders import build_encoder
+from sslsky.models.loading import load_encoder
 from sslsky.train.checkpoint import load_checkpoint
 
 LAYOUT_FILE = Path(__file__).parent / "data" / "legacy_v1_layout.json"
@@ -339,7 +339,7 @@ class Dummy(Method):
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.int64))
 
     @classmethod
-    def from_config(cls, cfg, encoder, votes=None) -> Dummy:
+    def from_config(cls, cfg, encoder, votes=None, data=None) -> Dummy:
         return cls(encoder)
 
     @property

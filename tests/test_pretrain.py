@@ -177,7 +177,7 @@ def test_export_and_checkpoint_load_for_evaluation(reference_run, packed_mock):
     from sslsky.augment import AstroAugment
     from sslsky.config import PretrainConfig, load_config
     from sslsky.data.shards import ShardDataset
-    from sslsky.eval.encoders import load_encoder
+    from sslsky.models.loading import load_encoder
 
     export = load_encoder(reference_run / ENCODER_EXPORT)
     ckpt = load_encoder(list_checkpoints(reference_run / "checkpoints")[-1])

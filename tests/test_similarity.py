@@ -19,10 +19,10 @@ from sslsky.cli import main
 from sslsky.data.shards import ShardDataset
 from sslsky.eval.embed import rank_block
 from sslsky.eval.embeddings import EMBEDDINGS_FORMAT, Embeddings, EmbeddingsError
-from sslsky.eval.encoders import load_encoder
 from sslsky.eval.neighbours import topk_cosine
 from sslsky.eval.plots import grid_size
 from sslsky.eval.retrieval import evaluate_retrieval, retrieval_metrics
+from sslsky.models.loading import load_encoder
 from tests.conftest import REPO, tiny_pretrain_args
 
 

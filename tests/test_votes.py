@@ -310,7 +310,7 @@ def test_votes_held_out_metrics_are_recomputed_from_the_checkpoint(votes_run, pa
 
 
 def test_votes_run_checkpoints_and_exports_an_encoder_evaluation_loads(votes_run):
-    from sslsky.eval.encoders import load_encoder
+    from sslsky.models.loading import load_encoder
     from sslsky.train.checkpoint import list_checkpoints, load_checkpoint
 
     ckpts = list_checkpoints(votes_run.run_dir / "checkpoints")

@@ -1,6 +1,6 @@
 """Evaluation of pretrained encoders.
 
-- encoders from checkpoints: :mod:`~sslsky.eval.encoders`;
+- encoders from checkpoints: :mod:`~sslsky.models.loading`;
 - the supervised loop of photo-z and morphology (linear probe, fine-tuning, scratch): what is predicted
   (:mod:`~sslsky.eval.task`), the network (:mod:`~sslsky.eval.backbone`), its inputs
   (:mod:`~sslsky.eval.features`), the loop (:mod:`~sslsky.eval.supervised`) and its outputs

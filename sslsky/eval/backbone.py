@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from sslsky.augment import data_survey
 from sslsky.config import ConfigError, SupervisedEvalConfig
-from sslsky.eval.encoders import CheckpointError, EvalTransform, eval_transform, load_encoder
 from sslsky.models.encoders import build_encoder
+from sslsky.models.loading import CheckpointError, EvalTransform, eval_transform, load_encoder
 from sslsky.surveys import Survey
 
 

@@ -1,6 +1,10 @@
 """``sslsky embed``: a pretrained encoder over packed shards, into one embeddings file (:mod:`sslsky.eval.embeddings`).
 
-The encoder sees the deterministic eval view (centred crop + the training normalisation). Under torchrun or srun
+The encoder sees the deterministic eval view (centred crop + the training normalisation). ``space=features``
+(default) stores its L2-normalised features; ``space=aligned`` (an ``encoder.pt`` of ``method: align``, else a
+CheckpointError) stores ``normalize(embed_image(x))``, the image tower's projection into the space the text and
+symbol towers share, which ``sslsky search --text / --symbol`` query; the file's attributes ``space``, ``ckpt``
+and ``ckpt_sha256`` say which model made it. Under torchrun or srun
 each rank embeds a contiguous block of the rows (:func:`rank_block`) into a part file; after all ranks report,
 rank 0 concatenates the parts in rank order into the final file (:func:`merge_parts`: written to a temporary
 name, then renamed), so the result is the same file as one process gives. One process writes its part and
@@ -44,6 +48,7 @@ from sslsky.data.ids import id_text, read_ids
 from sslsky.devices import autocast_dtype, resolve_device
 from sslsky.errors import DataError, DiskFullError, is_no_space
 from sslsky.eval.embeddings import COLUMNS, EMBEDDINGS_FORMAT, create_datasets
+from sslsky.eval.results import checkpoint_sha256
 from sslsky.locks import OutputLock, lock_next_to, pid_alive
 from sslsky.outputs import new_hdf5, output_file, temp_path
 
@@ -201,8 +206,8 @@ def _embed(cfg: EmbedConfig, out: Path, lock: OutputLock) -> int:
 
     from sslsky.data.shards import ShardDataset
     from sslsky.devices import rank_device
-    from sslsky.eval.encoders import CheckpointError, load_encoder
     from sslsky.eval.features import usable_cpus
+    from sslsky.models.loading import CheckpointError
 
     rank, world = dist.rank(), dist.world_size()
     start = {"refused": None, "tag": ""}
@@ -234,15 +239,16 @@ def _embed(cfg: EmbedConfig, out: Path, lock: OutputLock) -> int:
             survey = survey_of_images(dataset.attrs, cfg.survey)
         except ValueError as err:
             raise ConfigError(f"survey: {err}") from None
-        loaded = load_encoder(cfg.ckpt, stem=cfg.stem or None, device=device, survey=survey)
+        encode, loaded, dim = _load_model(cfg, device, survey)
         _check_inputs(dataset, loaded, cfg)
         block = rank_block(len(dataset), rank, world)
-        _check_room(out, 4 * loaded.feature_dim * (len(block) + (len(dataset) if rank == 0 and world > 1 else 0)))
+        _check_room(out, 4 * dim * (len(block) + (len(dataset) if rank == 0 and world > 1 else 0)))
         rows = dataset.indices[block.start:block.stop]  # (n,) global shard rows of this rank
         columns = {name: dataset.index.columns[name][rows] for name in COLUMNS if name != "index"}
         columns["index"] = rows.astype(np.int64)
         meta = {"format": EMBEDDINGS_FORMAT, "ckpt": str(ckpt.resolve()), "arch": loaded.arch,
-                "stem": loaded.stem, "source": loaded.source, "feature_dim": loaded.feature_dim,
+                "stem": loaded.stem or "", "source": loaded.source, "feature_dim": dim, "space": cfg.space,
+                "ckpt_sha256": checkpoint_sha256(ckpt) if cfg.space == "aligned" else "",
                 "data": str(Path(cfg.data).resolve()), "split": cfg.split or "all",
                 "survey": str(dataset.attrs.get("survey") or loaded.info.get("survey") or cfg.survey or ""),
                 "bands": str(dataset.attrs.get("bands") or ""), "normalized": True, "ranks": world,
@@ -262,7 +268,7 @@ def _embed(cfg: EmbedConfig, out: Path, lock: OutputLock) -> int:
             batches = track(loader, f"embed (rank 0/{world})", "batch")
         loop_started = time.perf_counter()
         with new_hdf5(part, out, "embeddings") as (handle, sink), torch.inference_mode():
-            create_datasets(handle, len(block), loaded.feature_dim, columns)
+            create_datasets(handle, len(block), dim, columns)
             at = 0
             for batch in batches:
                 expected = rows[at:at + len(batch["index"])]
@@ -272,7 +278,7 @@ def _embed(cfg: EmbedConfig, out: Path, lock: OutputLock) -> int:
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    features = loaded.encoder(x)  # (B, F)
+                    features = encode(x)  # (B, F): encoder features, or (B, D) aligned embeddings
                 features = features.float()
                 finite = torch.isfinite(features).all(1)
                 if not bool(finite.all()):  # counted to the end, so that one message lists them all
@@ -328,10 +334,33 @@ def _embed(cfg: EmbedConfig, out: Path, lock: OutputLock) -> int:
         if zeros:
             print(f"sslsky embed: warning: {zeros} rows have all-zero features (cosine similarity 0 to "
                   f"everything)", file=sys.stderr)
-        print(f"sslsky embed: {n} galaxies x {loaded.feature_dim} features ({loaded.arch}, {loaded.source}) on "
+        what = "aligned embeddings (image tower of the align run)" if cfg.space == "aligned" else "features"
+        print(f"sslsky embed: {n} galaxies x {dim} {what} ({loaded.arch}, {loaded.source}) on "
               f"{world} rank(s), {device.type}, amp {meta['amp']}: {seconds:.1f} s, {n / seconds:.1f} images/s "
               f"-> {out}", flush=True)
     return 0
+
+
+def _load_model(cfg: EmbedConfig, device: torch.device, survey):
+    """``(encode, loaded, dim)``: the function of the eval-view crops ``(B, C, n, n) -> (B, dim)`` that is stored
+    (the encoder, or for ``space=aligned`` the align run's ``embed_image``), its :class:`LoadedEncoder` (input
+    transform, bands) and the stored dimension."""
+    from sslsky.models.loading import CheckpointError, load_encoder
+
+    if cfg.space == "features":
+        loaded = load_encoder(cfg.ckpt, stem=cfg.stem or None, device=device, survey=survey)
+        return loaded.encoder, loaded, loaded.feature_dim
+    if cfg.space != "aligned":
+        raise ConfigError(f"space={cfg.space!r}: choose features (the encoder's features) or aligned (an align "
+                          f"run's image-text-symbol space)")
+    from sslsky.methods.align import load_aligned
+
+    try:
+        model, loaded = load_aligned(cfg.ckpt, device)  # CheckpointError for another method's file
+    except CheckpointError as err:
+        raise CheckpointError(f"space=aligned: {err}; or embed this checkpoint with space=features") from None
+    loaded.transform = loaded.transform.to(device)
+    return model.embed_image, loaded, int(model.image_projection.out_features)
 
 
 def _raise_rank_errors(errors: list[tuple[str, str]], out: Path) -> None:
@@ -340,7 +369,7 @@ def _raise_rank_errors(errors: list[tuple[str, str]], out: Path) -> None:
     A full disk anywhere is a :class:`DiskFullError`; when every failed rank met the same user error (a config,
     checkpoint or data error) that error, with every rank's message; else a RuntimeError (exit status 1).
     """
-    from sslsky.eval.encoders import CheckpointError
+    from sslsky.models.loading import CheckpointError
 
     kinds = {kind for kind, _ in errors}
     if "disk" in kinds:

@@ -3,7 +3,9 @@
     embeddings   (N, F) float32, L2-normalised (cosine similarity = dot product)
     object_id    (N,) int64      z (N,)   ebv (N,)   morph_class (N,)
     index        (N,) int64      global row of each galaxy in the shards (ShardDataset.read_image)
-    attrs        format, ckpt, arch, stem, feature_dim, data, survey, bands, split, ranks, ...
+    attrs        format, ckpt, arch, stem, feature_dim, data, survey, bands, split, ranks, ...;
+                 space: features (the encoder's) | aligned (an align run's shared space, with ckpt_sha256);
+                 absent in older files: features
 
 :class:`Embeddings` opens one read-only and checks what search needs (a file without it is an
 :class:`EmbeddingsError` naming what is missing and how to make it again); :func:`create_datasets` lays out a

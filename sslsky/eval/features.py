@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from sslsky.augment import Reddening
 from sslsky.config import SupervisedEvalConfig
 from sslsky.data.shards import ShardDataset
-from sslsky.eval.encoders import EvalTransform
 from sslsky.eval.task import Task
+from sslsky.models.loading import EvalTransform
 
 
 def usable_cpus() -> int:

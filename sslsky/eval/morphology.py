@@ -18,6 +18,17 @@
   Wei et al. 2022). ``metrics.json`` then holds ``nmi``, ``ari``, ``cluster_accuracy``, ``n_clusters``,
   ``cluster`` (k, n_init, inertia) and the same baseline of a random partition, instead of the accuracy keys;
   ``predictions.h5`` holds ``object_id``, ``true_class`` and ``cluster``.
+  ``zeroshot`` trains nothing and uses no train label (:func:`zeroshot_predictions`): the ``encoder.pt`` of a
+  ``method: align`` run (another method's file is a config error, exit 2) embeds the test galaxies (eval view,
+  ``embed_image``, L2-normalised) and each takes the class whose prototype is nearest by cosine: its text
+  prototype (mean of the class's caption embeddings), its symbol prototype (mean of its symbol variants), and
+  the combination (the mean of the two cosines). The data's classes are matched to the run's ``class_names`` by
+  name (a test class the run lacks is a config error naming it); the class indices of ``metrics.json`` and
+  ``predictions.h5`` are the run's. ``metrics.json``: the combination's class keys below (``accuracy``,
+  ``macro_f1``, ...), ``accuracy_text``, ``macro_f1_text``, ``accuracy_symbol``, ``macro_f1_symbol``,
+  ``zeroshot`` (``text`` and ``symbol``: their full class metrics; ``combination``), ``chance_accuracy``
+  (1 / classes) instead of ``majority_baseline``; ``predictions.h5``: ``pred_class`` (combination),
+  ``pred_class_text``, ``pred_class_symbol`` and ``probs`` = the combined cosines (N, K), not probabilities.
 - ``votes``: Galaxy-Zoo vote fractions of the decision trees of ``cfg.votes.campaigns`` (declared as in
   pretraining; default the GZ2-like tree of the mock), as regression of the counts (Walmsley et al. 2022).
   Rows = galaxies with at least one vote in those columns (the train rows thinned by ``label_fraction`` in
@@ -99,7 +110,7 @@ from sslsky.models.heads import init_prior
 from sslsky.outputs import output_dir
 from sslsky.vocabulary import MORPH_CLASSES, VoteSchema, class_names
 
-MORPH_PROTOCOLS = (*PROTOCOLS, "knn", "cluster")
+MORPH_PROTOCOLS = (*PROTOCOLS, "knn", "cluster", "zeroshot")
 MORPH_TARGETS = ("class", "votes")
 #: The most-voted answer of a question is scored on galaxies with at least this many votes on it.
 MOST_VOTED_MIN_VOTES = 3
@@ -229,6 +240,111 @@ def _run_cluster(cfg: EvalMorphConfig, names: list[str], out: Path) -> dict:
     print(f"eval-morph: cluster (k-means, k={k}) | {backbone.arch} ({backbone.source}) | {len(true)} test "
           f"galaxies: NMI {scores['nmi']:.3f}, ARI {scores['ari']:.3f}, cluster accuracy "
           f"{scores['cluster_accuracy']:.3f} (random partition: NMI {chance['nmi']:.3f}, ARI {chance['ari']:.3f}) "
+          f"| {elapsed:.1f} s -> {out}", flush=True)
+    print_warnings("eval-morph", warnings)
+    return result
+
+
+def zeroshot_predictions(images: np.ndarray, prototypes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Nearest class prototype by cosine: ``{"text", "symbol", "combined"}`` -> (N,) class indices, and
+    ``"similarity"`` -> (N, K) the combined score.
+
+    Args:
+        images: (N, D) image embeddings (normalised here).
+        prototypes: ``"text"``, ``"symbol"`` -> (K, D) class prototypes (normalised here).
+    The combination scores each class by the mean of its text and symbol cosines.
+    """
+    x = torch.nn.functional.normalize(torch.as_tensor(images, dtype=torch.float32), dim=1)
+    cos = {kind: (x @ torch.nn.functional.normalize(torch.as_tensor(p, dtype=torch.float32), dim=1).T).numpy()
+           for kind, p in prototypes.items()}  # (N, K) each
+    combined = (cos["text"] + cos["symbol"]) / 2
+    return {"text": cos["text"].argmax(axis=1), "symbol": cos["symbol"].argmax(axis=1),
+            "combined": combined.argmax(axis=1), "similarity": combined}
+
+
+def _zeroshot_test_split(cfg: EvalMorphConfig):
+    """The labelled test rows (no train split is needed: no label is learnt from)."""
+    from sslsky.data.shards import ShardDataset
+
+    try:
+        test = ShardDataset(cfg.data.path, split="test", label="morph_class")
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise ConfigError(f"data.path={cfg.data.path!r} (label 'morph_class'): {err}") from None
+    if len(test) == 0:
+        raise ConfigError(f"{cfg.data.path}: the test split has no galaxy with a morph_class label, so zero-shot "
+                          f"predictions cannot be scored; pack a catalog with a morph_class (or --label-column)")
+    return test
+
+
+def _run_zeroshot(cfg: EvalMorphConfig, out: Path) -> dict:
+    """Protocol ``zeroshot``: nearest text / symbol prototype of an align run, scored on the test split."""
+    from sslsky.methods.align import load_aligned
+    from sslsky.models.loading import CheckpointError
+
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.amp, device)
+    test = _zeroshot_test_split(cfg)
+    try:
+        model, loaded = load_aligned(cfg.ckpt, device)
+    except CheckpointError as err:
+        raise ConfigError(f"ckpt: {err}") from None
+    if model.label != "morph_class":
+        raise ConfigError(f"ckpt {cfg.ckpt} was aligned with vote paths (model.align.labels={model.label}), not "
+                          f"classes; zero-shot classification needs an align run with model.align.labels=morph_class")
+    bands = len(test.attrs.get("bands") or "") or None
+    if bands is not None and loaded.in_channels != bands:
+        raise ConfigError(f"ckpt {cfg.ckpt} takes {loaded.in_channels} bands but the data in {cfg.data.path} have "
+                          f"{bands} ({test.attrs.get('bands')})")
+    labels = test.index.columns["morph_class"][test.indices]
+    data_names = class_names(int(labels.max()), test.attrs)
+    names = list(model.class_names)
+    missing = sorted({data_names[c] for c in np.unique(labels)} - set(names))
+    if missing:
+        raise ConfigError(f"the test split of {cfg.data.path} has class(es) {', '.join(map(repr, missing))} that the "
+                          f"align run {cfg.ckpt} has no prototype for (its classes: {', '.join(names)}); align on "
+                          f"data with these classes, or leave them out of the test split")
+    to_model = np.array([names.index(n) if n in names else -1 for n in data_names])  # data class -> run's class
+    write_config(cfg, output_dir(cfg.out, "out") / "config.yaml")
+    t0 = time.perf_counter()
+
+    class ImageTower(torch.nn.Module):  # extract_features' encoder: the eval view -> the shared space
+        def forward(self, x: Tensor) -> Tensor:
+            return model.embed_image(x)
+
+    features = extract_features(ImageTower(), loaded.transform.to(device), test, cfg, device, amp)
+    prototypes = {kind: v.cpu().numpy() for kind, v in model.prototypes().items()}
+    pred = zeroshot_predictions(features["features"], prototypes)
+    true = to_model[features["morph_class"].astype(np.int64)]
+    n_classes = len(names)
+    scores = {kind: classification_metrics(true, pred[kind], n_classes, names) for kind in ("text", "symbol")}
+    metrics = classification_metrics(true, pred["combined"], n_classes, names)
+    elapsed = time.perf_counter() - t0
+    warnings = small_test_warnings(len(true))
+    write_predictions(out / "predictions.h5", {
+        "object_id": features["object_id"], "true_class": true, "pred_class": pred["combined"].astype(np.int64),
+        "pred_class_text": pred["text"].astype(np.int64), "pred_class_symbol": pred["symbol"].astype(np.int64),
+        "probs": pred["similarity"].astype(np.float32),
+    }, {"protocol": cfg.protocol, "ckpt": cfg.ckpt, "seed": cfg.seed, "classes": names,
+        "probs": "mean of the text and symbol cosine similarities, not probabilities"})
+    plots = [plot_confusion(out / "plots" / "confusion_matrix.png", np.asarray(metrics["confusion_matrix"]), names,
+                            f"zero-shot (text + symbol), accuracy {metrics['accuracy']:.3f}")] if cfg.plots else []
+    result = {
+        "task": "morph", "target": "class", "protocol": "zeroshot", "label_fraction": cfg.label_fraction,
+        "seed": cfg.seed, "n_train_labels": 0, "n_val": 0, "n_test": len(true),
+        "ckpt": cfg.ckpt, "ckpt_sha256": checkpoint_sha256(cfg.ckpt), **metrics, "classes": names,
+        "accuracy_text": scores["text"]["accuracy"], "macro_f1_text": scores["text"]["macro_f1"],
+        "accuracy_symbol": scores["symbol"]["accuracy"], "macro_f1_symbol": scores["symbol"]["macro_f1"],
+        "zeroshot": {**scores, "combination": "mean of the text and symbol cosine similarities",
+                     "embed_dim": int(prototypes["text"].shape[1]), "symbol_tower": model.stage()["symbol_tower"]},
+        "chance_accuracy": 1.0 / n_classes,
+        "knn": None, "arch": loaded.arch, "stem": loaded.stem, "encoder_source": loaded.source, "best_epoch": 0,
+        "epochs_run": 0, "train_time_s": elapsed, "prior_only": None, "warnings": warnings, "history": [],
+        "plots": [str(p) for p in plots], "config": config_to_dict(cfg),
+    }
+    write_json(result, out / METRICS_FILE)
+    print(f"eval-morph: zeroshot ({loaded.arch}, align run {cfg.ckpt}) on {len(true)} test galaxies: accuracy "
+          f"{metrics['accuracy']:.3f} (text {scores['text']['accuracy']:.3f}, symbol "
+          f"{scores['symbol']['accuracy']:.3f}), macro-F1 {metrics['macro_f1']:.3f} (chance {1.0 / n_classes:.3f}) "
           f"| {elapsed:.1f} s -> {out}", flush=True)
     print_warnings("eval-morph", warnings)
     return result
@@ -435,6 +551,9 @@ def _run_morph(cfg: EvalMorphConfig, lock: OutputLock) -> dict:
     check_config(cfg, MORPH_PROTOCOLS)
     if cfg.target not in MORPH_TARGETS:
         raise ConfigError(f"target={cfg.target!r}: choose one of {', '.join(MORPH_TARGETS)}")
+    if cfg.protocol == "zeroshot" and cfg.target != "class":
+        raise ConfigError("protocol=zeroshot predicts classes from the align run's class prototypes: use "
+                          "target=class")
     schema = vote_schema(cfg) if cfg.target == "votes" else None
     output_dir(cfg.out, "out")  # a file or a read-only folder: a message now, not after the training
     lock.acquire()  # another evaluation writing this folder: refused, naming it
@@ -443,6 +562,8 @@ def _run_morph(cfg: EvalMorphConfig, lock: OutputLock) -> dict:
         write_json(result, out / METRICS_FILE)
         clear_train_state(out)
         return result
+    if cfg.protocol == "zeroshot":
+        return _run_zeroshot(cfg, out)
     probe = open_splits(cfg, "morph_class")
     labels = probe.train.index.columns["morph_class"]
     names = class_names(int(labels.max()) if len(labels) else len(MORPH_CLASSES) - 1, probe.attrs)

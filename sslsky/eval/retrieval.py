@@ -3,6 +3,11 @@
 With every labelled galaxy as a query (itself excluded): the fraction of its nearest neighbours that share its
 morphology class and the median |dz|/(1 + z) to them (:func:`retrieval_metrics`), next to the same figures for
 random neighbours and the chance class agreement of the class counts (:func:`chance_class_agreement`).
+
+Ranked retrieval with the morphology class as relevance (:func:`ranked_precision`): precision@k and mAP@k of
+image -> image (every galaxy with a class as query, itself excluded) and, for a file of ``space=aligned``,
+text -> image and symbol -> image (one query per class: its caption / symbol prototype;
+:func:`prototype_retrieval`). A neighbour without a class is not relevant.
 """
 
 from __future__ import annotations
@@ -48,9 +53,82 @@ def chance_class_agreement(morph_class: np.ndarray) -> float:
     return float((counts * (counts - 1)).sum() / (total * (total - 1))) if total > 1 else math.nan
 
 
+def ranked_precision(relevant: np.ndarray, n_relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(precision@k (Q,), AP@k (Q,))`` of ranked result lists.
+
+    Args:
+        relevant: ``(Q, k)`` bool, whether the i-th result of each query is relevant (rank order).
+        n_relevant: ``(Q,)`` relevant items of each query in the whole database (the query itself not counted).
+    Returns:
+        precision@k = relevant results / k. AP@k = sum over the relevant ranks i <= k of precision@i, divided by
+        ``min(k, n_relevant)`` (the most relevant results the k places can hold, so a perfect ranking scores 1
+        whether or not the class has k members; the normalisation of e.g. ``ml_metrics.apk``); NaN for a query
+        with no relevant item in the database (mAP leaves such queries out).
+    """
+    relevant = np.asarray(relevant, dtype=bool)
+    k = relevant.shape[1]
+    hits = np.cumsum(relevant, axis=1)  # (Q, k) relevant results in the first i
+    at_rank = hits / np.arange(1, k + 1)  # (Q, k) precision@i
+    total = (at_rank * relevant).sum(axis=1)
+    norm = np.minimum(k, np.asarray(n_relevant, dtype=np.int64))
+    ap = np.divide(total, norm, out=np.full(len(relevant), np.nan), where=norm > 0)
+    return hits[:, -1] / k if k else np.zeros(len(relevant)), ap
+
+
+def ranked_summary(relevant: np.ndarray, n_relevant: np.ndarray) -> dict:
+    """``precision_at_k`` and ``map_at_k`` (means over the queries; mAP over those with a relevant item),
+    ``queries``, ``queries_without_relevant``."""
+    precision, ap = ranked_precision(relevant, n_relevant)
+    scored = np.isfinite(ap)
+    return {"precision_at_k": float(precision.mean()) if precision.size else math.nan,
+            "map_at_k": float(ap[scored].mean()) if scored.any() else math.nan,
+            "queries": int(len(precision)), "queries_without_relevant": int((~scored).sum())}
+
+
+def prototype_retrieval(emb: Embeddings, prototypes: np.ndarray, names: list[str], k: int, chunk_size: int = 65536,
+                        device: str | torch.device = "cpu", skipped: set[int] | None = None) -> dict:
+    """Class prototypes as queries (text -> image, symbol -> image): precision@k and mAP@k with relevance = the
+    galaxy's class is the prototype's.
+
+    Args:
+        prototypes: ``(K, D)`` unit vectors in the file's (aligned) space, one per class ``names[j]``.
+        names: the prototypes' class names, matched by name to the file's classes (``morph_class`` names).
+    Returns:
+        :func:`ranked_summary` over the prototypes of classes the file has, ``per_class`` (name -> AP@k,
+        precision@k, relevant rows), ``classes_not_in_data`` (prototypes with no such class in the file: no query)
+        and ``data_classes_without_prototype`` (their rows are relevant to no query).
+    """
+    morph_class = emb.columns["morph_class"]
+    present = np.unique(morph_class[morph_class >= 0])
+    data_names = {morph_class_name(int(c), emb.attrs): int(c) for c in present}
+    wanted = [j for j, name in enumerate(names) if name in data_names]
+    skipped = set() if skipped is None else skipped
+    if not wanted:
+        return {**ranked_summary(np.zeros((0, k), bool), np.zeros(0, np.int64)), "per_class": {},
+                "classes_not_in_data": list(names), "data_classes_without_prototype": sorted(data_names)}
+    query = np.asarray(prototypes, dtype=np.float32)[wanted]  # (Q, D)
+    try:
+        _, rows = topk_cosine(query, emb.vectors, k, chunk_size, device=device, skipped=skipped,
+                              unit_norm=emb.normalized, cosine=not emb.normalized)
+    except EmbeddingsError as err:
+        raise EmbeddingsError(f"{emb.path}: {err}") from None
+    classes = np.array([data_names[names[j]] for j in wanted])  # (Q,) the file's class of each prototype
+    usable = np.ones(len(emb), dtype=bool)
+    usable[np.fromiter(skipped, np.int64, len(skipped))] = False
+    relevant = morph_class[rows] == classes[:, None]  # (Q, k)
+    n_relevant = np.array([int(((morph_class == c) & usable).sum()) for c in classes])
+    precision, ap = ranked_precision(relevant, n_relevant)
+    per_class = {names[j]: {"ap_at_k": float(a), "precision_at_k": float(p), "relevant_rows": int(n)}
+                 for j, a, p, n in zip(wanted, ap, precision, n_relevant)}
+    return {**ranked_summary(relevant, n_relevant), "per_class": per_class,
+            "classes_not_in_data": [n for n in names if n not in data_names],
+            "data_classes_without_prototype": sorted(set(data_names) - set(names))}
+
+
 def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, query_batch: int = 256,
                        max_queries: int = 0, seed: int = 0, device: str | torch.device = "cpu", progress: bool = False,
-                       skipped: set[int] | None = None) -> dict:
+                       skipped: set[int] | None = None, prototypes: dict[str, np.ndarray] | None = None,
+                       prototype_names: list[str] | None = None) -> dict:
     """Retrieval quality with every labelled galaxy (class or redshift) as a query, itself excluded.
 
     The neighbours come from the exact chunked search; the chance baseline gives each query ``k``
@@ -58,6 +136,11 @@ def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, qu
     random sample of the labelled queries. Rows with NaN/inf embeddings are neither queries, neighbours
     nor random neighbours (nor in the chance figure); they are added to ``skipped`` and counted in the
     result (``skipped_rows``, ``skipped_object_ids``: the first 20).
+
+    ``image_to_image``: :func:`ranked_summary` of the queries with a class (relevance: the neighbour has the
+    query's class; relevant items: the other usable rows of that class). With ``prototypes`` (kind -> ``(K, D)``,
+    e.g. ``{"text": ..., "symbol": ...}`` of an align run, classes ``prototype_names``): ``<kind>_to_image``,
+    :func:`prototype_retrieval`.
     """
     morph_class, z = emb.columns["morph_class"], emb.columns["z"]
     queries = np.flatnonzero((morph_class >= 0) | np.isfinite(z))
@@ -106,8 +189,18 @@ def evaluate_retrieval(emb: Embeddings, k: int = 10, chunk_size: int = 65536, qu
             sel = morph_class[queries] == c
             name = morph_class_name(int(c), emb.attrs)
             per_class[name] = retrieval_metrics(queries[sel], neighbours[sel], morph_class, z)["class_agreement"]
+    with_class = morph_class[queries] >= 0
+    usable = np.ones(len(emb), dtype=bool)
+    usable[np.fromiter(skipped, np.int64, len(skipped))] = False
+    counts = np.bincount(morph_class[usable & (morph_class >= 0)], minlength=int(morph_class.max()) + 1)
+    cq = morph_class[queries[with_class]]
+    image_to_image = ranked_summary(morph_class[neighbours[with_class]] == cq[:, None], counts[cq] - 1)
+    ranked = {"image_to_image": image_to_image}
+    for kind, vectors in (prototypes or {}).items():
+        ranked[f"{kind}_to_image"] = prototype_retrieval(emb, vectors, list(prototype_names or []), k, chunk_size,
+                                                         device, skipped)
     skipped_rows = np.sort(np.fromiter(skipped, np.int64, len(skipped)))
-    return {"k": k, "queries": int(queries.size), "rows": len(emb), "neighbours": found,
+    return {"k": k, **ranked, "queries": int(queries.size), "rows": len(emb), "neighbours": found,
             "random": retrieval_metrics(queries, random_rows, morph_class, z),
             "chance_class_agreement": chance_class_agreement(morph_class[finite]),
             "class_agreement_per_class": per_class, "mean_similarity": float(similarity.mean()),

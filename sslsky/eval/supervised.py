@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -195,15 +196,21 @@ def recalibrate_batchnorm(encoder: nn.Module, transform: nn.Module, dataset: Dat
 
 def encoder_blocks(encoder: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     """The encoder's parameters by block, top (next to the head) first: a ResNet's ``layer4``, ``layer3``,
-    ``layer2``, ``layer1``, then ``stem`` (everything else: conv1, bn1); another encoder is one block."""
+    ``layer2``, ``layer1``, then ``stem`` (everything else: conv1, bn1); a ViT's blocks from the last (with the
+    final norm) to the first, then ``embed`` (patch and positional embeddings, CLS token); another encoder
+    (fusion) is one block."""
     layers = [name for name in ("layer4", "layer3", "layer2", "layer1") if isinstance(getattr(encoder, name, None),
                                                                                      nn.Module)]
-    if not layers:
+    if layers:
+        blocks = [(name, list(getattr(encoder, name).parameters())) for name in layers]
+    elif isinstance(getattr(encoder, "blocks", None), nn.Sequential) and hasattr(encoder, "pos_embed"):
+        blocks = [(f"blocks.{i}", list(block.parameters())) for i, block in reversed(list(enumerate(encoder.blocks)))]
+        blocks[0][1].extend(encoder.norm.parameters())
+    else:
         return [("encoder", list(encoder.parameters()))]
-    blocks = [(name, list(getattr(encoder, name).parameters())) for name in layers]
     seen = {id(p) for _, params in blocks for p in params}
     stem = [p for p in encoder.parameters() if id(p) not in seen]
-    return blocks + ([("stem", stem)] if stem else [])
+    return blocks + ([("stem" if layers else "embed", stem)] if stem else [])
 
 
 def optimizer_groups(cfg: SupervisedEvalConfig, head: nn.Module, encoder: nn.Module | None) -> list[dict]:
@@ -218,7 +225,11 @@ def optimizer_groups(cfg: SupervisedEvalConfig, head: nn.Module, encoder: nn.Mod
     finetune = cfg.protocol == "finetune"
     factor = cfg.optim.encoder_lr_factor if finetune else 1.0
     decay = cfg.optim.layer_decay if finetune else 1.0
-    for depth, (name, params) in enumerate(encoder_blocks(encoder)):
+    blocks = encoder_blocks(encoder)
+    if finetune and len(blocks) == 1 and decay != 1.0:
+        print(f"eval: warning: optim.layer_decay={decay} has no effect here: this encoder is one block for the "
+              f"layer-wise learning rates (ResNets and ViTs have several)", file=sys.stderr, flush=True)
+    for depth, (name, params) in enumerate(blocks):
         if params:
             groups.append({"name": f"encoder.{name}", "params": params, "lr_scale": factor * decay ** depth})
     return groups

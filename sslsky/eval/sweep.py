@@ -1,7 +1,8 @@
 """``sslsky sweep``: label-fraction studies as submitit job arrays, then one CSV and label-efficiency plots.
 
 The grid is task (specz; morph: classes; votes: vote fractions) x protocol (linear, finetune, scratch; knn
-for morph and votes; cluster, k-means NMI / ARI, for morph, once per seed as it uses no label) x label
+for morph and votes; cluster, k-means NMI / ARI, and zeroshot, an align run's nearest class prototype, for morph,
+once per seed as they use no label; zeroshot is drawn as a level in the plot) x label
 fraction x seed. Each cell is one call of :func:`sslsky.eval.photoz.run_specz`
 or :func:`sslsky.eval.morphology.run_morph` (``target=class`` for morph, ``target=votes`` for votes, both from
 ``morph_config``) with the task's base config plus the cell's overrides, writing
@@ -47,10 +48,11 @@ TASKS = {
 }
 #: Overrides that make a task what it is (applied after ``SweepConfig.overrides``).
 TASK_OVERRIDES = {"morph": ("target=class",), "votes": ("target=votes",)}
-PROTOCOLS = {"specz": ("linear", "finetune", "scratch"), "morph": ("linear", "finetune", "scratch", "knn", "cluster"),
+PROTOCOLS = {"specz": ("linear", "finetune", "scratch"),
+             "morph": ("linear", "finetune", "scratch", "knn", "cluster", "zeroshot"),
              "votes": ("linear", "finetune", "scratch", "knn")}
 #: Protocols that use no train label: one cell per seed (at the largest label fraction), not one per fraction.
-LABEL_FREE = ("cluster",)
+LABEL_FREE = ("cluster", "zeroshot")
 #: Metric drawn in the label-efficiency plot of each task, and whether lower is better.
 HEADLINE = {"specz": ("sigma_mad", True), "morph": ("accuracy", False), "votes": ("vote_mae", True)}
 METRICS_NAME = "metrics.json"
@@ -83,8 +85,8 @@ def cells(cfg: SweepConfig) -> list[Cell]:
     for task, protocol, fraction, seed in itertools.product(cfg.tasks, cfg.protocols, cfg.label_fractions,
                                                             cfg.seeds):
         if protocol not in PROTOCOLS[task]:
-            if protocol in ("knn", "cluster"):
-                continue  # morphology protocols (cluster: classes only); the other tasks skip them
+            if protocol in ("knn", "cluster", "zeroshot"):
+                continue  # morphology protocols (cluster, zeroshot: classes only); the other tasks skip them
             raise ConfigError(f"protocol {protocol!r} for task {task}: choose from {', '.join(PROTOCOLS[task])}")
         if protocol in LABEL_FREE and fraction != max(cfg.label_fractions):
             continue
@@ -324,6 +326,9 @@ def plot_label_efficiency(rows: list[dict], task: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for protocol, series in summarize(rows, metric).items():
         n, mean, low, high = (list(v) for v in zip(*series))
+        if max(n) == 0:  # no training label (zeroshot): a level, not a point on the log axis
+            ax.axhline(mean[0], linestyle="--", color="grey", label=f"{protocol} (no labels)")
+            continue
         ax.plot(n, mean, marker="o", label=protocol)
         ax.fill_between(n, low, high, alpha=0.2)
     ax.set_xscale("log")

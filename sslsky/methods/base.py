@@ -19,9 +19,12 @@ nothing else about it; it calls, in this order:
 4. at the end: :attr:`encoder`, the backbone whose weights become ``encoder.pt``.
 
 Class attributes declare what the trainer must provide: :attr:`section` (the ``model.*`` section it reads:
-a changed value in another method's section is a config error), :attr:`batch_keys`, :attr:`labelled_only`
-(draw only galaxies with votes), and :attr:`shape_keys` (config keys that set weight shapes: a resume can
-never change them).
+a changed value in another method's section is a config error), :attr:`batch_keys` (or, when they depend on
+the config, :meth:`batch_keys_for`), :meth:`draws` (which galaxies the sampler draws: all, or only those
+with a label), :attr:`shape_keys` (config keys that set weight shapes: a resume can never change them),
+:attr:`find_unused_parameters` (some parameters get no gradient in some steps: DDP must look for them), and
+:meth:`make_encoder` (the backbone before ``from_config``: by default ``model.arch`` randomly initialised).
+:meth:`export_state` adds what else the method exports to ``encoder.pt`` (under ``method_state``).
 
 State: everything the method needs to resume is in its ``state_dict`` (parameters and buffers); attributes
 that are functions of the step (BYOL's momentum) are set again by :meth:`after_step`.
@@ -45,19 +48,42 @@ class Method(nn.Module):
 
     #: The ``model.*`` config section the method reads (None: none, it uses only the encoder's keys).
     section: ClassVar[str | None] = None
-    #: Loader columns the loss needs besides the views (``"votes"``: the vote counts of ``votes.campaigns``).
+    #: Loader columns the loss needs besides the views (``"votes"``: the vote counts of ``votes.campaigns``;
+    #: ``"morph_class"``: the catalog label).
     batch_keys: ClassVar[tuple[str, ...]] = ()
-    #: Draw only the galaxies that have at least one vote (a supervised method).
-    labelled_only: ClassVar[bool] = False
     #: Config keys that set the shapes of the method's own weights (besides the encoder's).
     shape_keys: ClassVar[tuple[str, ...]] = ()
+    #: Some parameters get no gradient in some steps (DDP's ``find_unused_parameters``).
+    find_unused_parameters: ClassVar[bool] = False
+    #: Config keys outside ``model.<section>`` that the method reads and others do not (``votes.weight``).
+    reads: ClassVar[tuple[str, ...]] = ()
 
     #: The backbone: ``(B, C, H, W) -> (B, feature_dim)``; exported as ``encoder.pt``.
     encoder: nn.Module
     feature_dim: int
 
     @classmethod
-    def from_config(cls, cfg: PretrainConfig, encoder: nn.Module, votes: VoteSchema | None = None) -> Method:
+    def batch_keys_for(cls, cfg: PretrainConfig) -> tuple[str, ...]:
+        """The loader columns a method of this config needs (default :attr:`batch_keys`)."""
+        return cls.batch_keys
+
+    @classmethod
+    def draws(cls, cfg: PretrainConfig) -> str | None:
+        """The galaxies drawn: None, all of them; ``"votes"`` or ``"morph_class"``, only those with that label."""
+        return None
+
+    @classmethod
+    def make_encoder(cls, cfg: PretrainConfig, n_bands: int, image_size: int) -> nn.Module:
+        """The backbone: ``model.arch`` (and its section) for these bands and crops, randomly initialised."""
+        from sslsky.models.encoders import encoder_from_config
+
+        return encoder_from_config(cfg.model, n_bands, image_size)
+
+    @classmethod
+    def from_config(cls, cfg: PretrainConfig, encoder: nn.Module, votes: VoteSchema | None = None,
+                    data=None) -> Method:
+        """The method on ``encoder``; ``data`` the training :class:`~sslsky.data.shards.ShardDataset` (its labels,
+        the pack's attributes), for a method that needs to know them."""
         raise NotImplementedError
 
     # ---- what the trainer calls -----------------------------------------------------------------
@@ -93,6 +119,10 @@ class Method(nn.Module):
     def describe(record: dict[str, float]) -> str:
         """A :meth:`held_out` record in words, for the log."""
         return f"val contrastive top-1 {record['val_top1']:.3f}"
+
+    def export_state(self) -> dict | None:
+        """What ``encoder.pt`` carries besides the encoder, under ``method_state`` (weights_only-safe); None: none."""
+        return None
 
 
 def check_views(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

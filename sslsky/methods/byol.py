@@ -63,7 +63,7 @@ class BYOL(Method):
             param.requires_grad = False
 
     @classmethod
-    def from_config(cls, cfg: PretrainConfig, encoder: nn.Module, votes=None) -> BYOL:
+    def from_config(cls, cfg: PretrainConfig, encoder: nn.Module, votes=None, data=None) -> BYOL:
         b = cfg.model.byol
         return cls(encoder, dim=b.dim, hidden=b.hidden, base_momentum=b.base_momentum)
 

@@ -46,6 +46,7 @@ class HybridBYOL(VoteHead, BYOL):
 
     batch_keys = ("votes",)
     shape_keys = ("model.byol.dim", "model.byol.hidden", "votes.campaigns")
+    reads = ("votes.weight",)
 
     def __init__(self, encoder: nn.Module, question_slices: Sequence[tuple[int, int]], vote_weight: float = 1.0,
                  **byol_kwargs):
@@ -56,7 +57,8 @@ class HybridBYOL(VoteHead, BYOL):
         self.vote_weight = vote_weight
 
     @classmethod
-    def from_config(cls, cfg: PretrainConfig, encoder: nn.Module, votes: VoteSchema | None = None) -> HybridBYOL:
+    def from_config(cls, cfg: PretrainConfig, encoder: nn.Module, votes: VoteSchema | None = None,
+                    data=None) -> HybridBYOL:
         b = cfg.model.byol
         return cls(encoder, votes.slices, vote_weight=cfg.votes.weight, dim=b.dim, hidden=b.hidden,
                    base_momentum=b.base_momentum)

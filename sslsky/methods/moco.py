@@ -83,7 +83,7 @@ class MoCo(Method):
         self._keys: Tensor | None = None  # this step's keys, enqueued by after_step
 
     @classmethod
-    def from_config(cls, cfg: PretrainConfig, encoder: nn.Module, votes=None) -> MoCo:
+    def from_config(cls, cfg: PretrainConfig, encoder: nn.Module, votes=None, data=None) -> MoCo:
         m = cfg.model.moco
         return cls(encoder, dim=m.dim, queue_size=m.queue_size, momentum=m.momentum, temperature=m.temperature,
                    mlp=m.mlp, bn=m.bn)

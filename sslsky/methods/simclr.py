@@ -49,7 +49,7 @@ class SimCLR(Method):
         self.head = projection_head(self.feature_dim, dim, hidden=hidden)
 
     @classmethod
-    def from_config(cls, cfg: PretrainConfig, encoder: nn.Module, votes=None) -> SimCLR:
+    def from_config(cls, cfg: PretrainConfig, encoder: nn.Module, votes=None, data=None) -> SimCLR:
         s = cfg.model.simclr
         return cls(encoder, dim=s.dim, hidden=s.hidden, temperature=s.temperature)
 

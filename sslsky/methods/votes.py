@@ -5,7 +5,7 @@ The encoder and a vote head predict Dirichlet concentrations ``1 + 100 sigmoid(L
 (:func:`sslsky.losses.dirichlet_multinomial_nll`) averaged over both augmented views and over the labelled
 galaxies of the global batch -- exactly the hybrid's ``L_votes`` (:mod:`sslsky.methods.hybrid`), so votes
 only versus hybrid isolates the BYOL term, at the cost of a second forward pass per step. Only galaxies
-with votes are drawn (:attr:`VoteModel.labelled_only`).
+with votes are drawn (:meth:`VoteModel.draws`).
 
 :class:`VoteHead` is the head both methods share. The encoder is ``online_encoder`` (as in BYOL), the head
 ``vote_head``: the state-dict keys of checkpoints written before the method contract.
@@ -109,8 +109,11 @@ class VoteModel(VoteHead, Method):
     """
 
     batch_keys = ("votes",)
-    labelled_only = True
     shape_keys = ("votes.campaigns",)
+
+    @classmethod
+    def draws(cls, cfg: PretrainConfig) -> str:
+        return "votes"  # a supervised method: the others would add nothing to the loss
 
     def __init__(self, encoder: nn.Module, question_slices: Sequence[tuple[int, int]]):
         super().__init__()
@@ -119,7 +122,8 @@ class VoteModel(VoteHead, Method):
         self.init_vote_head(question_slices, self.feature_dim)
 
     @classmethod
-    def from_config(cls, cfg: PretrainConfig, encoder: nn.Module, votes: VoteSchema | None = None) -> VoteModel:
+    def from_config(cls, cfg: PretrainConfig, encoder: nn.Module, votes: VoteSchema | None = None,
+                    data=None) -> VoteModel:
         return cls(encoder, votes.slices)
 
     @property

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from sslsky.config import ModelConfig
 
 #: ResNet name -> torchvision constructor (random init). Kept under this name for the callers that read
-#: ResNet weights (``sslsky.eval.encoders``); the registry of every encoder is :data:`ENCODERS`.
+#: ResNet weights (``sslsky.models.loading``); the registry of every encoder is :data:`ENCODERS`.
 ARCHITECTURES: dict[str, Callable[..., models.ResNet]] = {
     "resnet18": models.resnet18,
     "resnet34": models.resnet34,
@@ -200,8 +200,9 @@ def encoder_from_config(model: ModelConfig, in_channels: int, image_size: int) -
         stem = model.stem
     elif model.stem != type(model)().stem:
         raise ValueError(f"model.stem={model.stem!r}: arch={model.arch!r} has no stem (its patch embedding is its "
-                         f"input layer; set model.{model.arch}.patch_size); remove model.stem from the config or set "
-                         f"it back to its default, model.stem={type(model)().stem}")
+                         f"input layer; set model.{model.arch}.patch_size): remove model.stem from the config, or "
+                         f"override it with its default, model.stem={type(model)().stem}, which a {model.arch} "
+                         f"takes as unset")
     return build_encoder(model.arch, in_channels, stem, image_size, **options)
 
 

@@ -46,9 +46,9 @@ class Attention(nn.Module):
     and mixed by ``proj``.
     """
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal  # causal: a token attends to itself and the tokens before it
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
@@ -56,18 +56,18 @@ class Attention(nn.Module):
         b, n, width = x.shape
         # (B, N, 3 width) -> (3, B, heads, N, d)
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, heads, N, d)
         return self.proj(out.transpose(1, 2).reshape(b, n, width))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block ``(B, N, width) -> (B, N, width)``."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, causal: bool = False):
         super().__init__()
         hidden = max(1, round(width * mlp_ratio))
         self.norm1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, causal)
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 

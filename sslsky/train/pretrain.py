@@ -34,7 +34,6 @@ from sslsky.data.splits import split_mask
 from sslsky.devices import autocast_dtype, rank_device
 from sslsky.errors import DiskFullError
 from sslsky.methods import Method, check_sections, encoder_prefix, method_class
-from sslsky.models import encoder_from_config
 from sslsky.schedules import scaled_lr, warmup_cosine
 from sslsky.surveys import Survey
 from sslsky.train.checkpoint import CHECKPOINT_PATTERN, list_checkpoints, load_latest, save_checkpoint
@@ -87,7 +86,7 @@ def build_augment(cfg: PretrainConfig, survey: Survey, dataset: ShardDataset) ->
 
 def vote_schema(cfg: PretrainConfig) -> VoteSchema | None:
     """The vote columns of ``votes.campaigns`` when the method's batches carry vote counts (else None)."""
-    if "votes" not in method_class(cfg.method).batch_keys:
+    if "votes" not in method_class(cfg.method).batch_keys_for(cfg):
         return None
     try:
         return VoteSchema.from_campaigns(cfg.votes.campaigns)
@@ -101,28 +100,43 @@ def check_method_config(cfg: PretrainConfig) -> None:
     check_sections(cfg)
 
 
-def build_method(cfg: PretrainConfig, n_bands: int, image_size: int, votes: VoteSchema | None) -> Method:
-    """The configured method on a new encoder of ``model.arch`` for ``n_bands`` bands and ``image_size`` crops."""
+def build_method(cfg: PretrainConfig, n_bands: int, image_size: int, votes: VoteSchema | None,
+                 data: ShardDataset | None = None) -> Method:
+    """The configured method on its encoder (:meth:`~sslsky.methods.base.Method.make_encoder`: by default a new
+    one of ``model.arch``) for ``n_bands`` bands and ``image_size`` crops; ``data`` the training shards."""
     bands = cfg.model.n_bands or n_bands
     if cfg.model.n_bands and cfg.model.n_bands != n_bands:
         raise ConfigError(f"model.n_bands={cfg.model.n_bands} but the data have {n_bands} bands; "
                           f"set model.n_bands={n_bands} (or 0 to follow the data)")
+    method = method_class(cfg.method)
     try:
-        encoder = encoder_from_config(cfg.model, bands, image_size)
-        return method_class(cfg.method).from_config(cfg, encoder, votes)
+        return method.from_config(cfg, method.make_encoder(cfg, bands, image_size), votes, data=data)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    except RuntimeError as err:  # torch.OutOfMemoryError included
+        if "allocate" not in str(err) and "out of memory" not in str(err):
+            raise
+        raise ConfigError(f"building the model of this config needs more memory than there is ({str(err)[:160]}); "
+                          f"check the sizes under model ({cfg.model.arch}, model.{cfg.method})") from None
 
 
-def batch_to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+def build_optimizer(cfg: PretrainConfig, model: Method) -> torch.optim.Optimizer:
+    """``optim.name`` over the method's parameters (or parameter groups: a group may set its own weight decay);
+    the learning rate is set every step by the schedule."""
+    params = list(model.parameters_to_optimize())
+    if cfg.optim.name == "adamw":
+        return torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.98), eps=1e-6, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.SGD(params, lr=0.0, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+
+
+def batch_to_device(batch: dict, device: torch.device, channels_last: bool, keys: tuple[str, ...] = ()) -> dict:
+    """What the augmentation needs (image, E(B-V), per-band PSF and noise) and the method's ``keys`` on ``device``."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = {"image": batch["image"].to(device, non_blocking=True, memory_format=fmt),
            "ebv": batch["ebv"].to(device, non_blocking=True, dtype=torch.float32)}
-    for name in PER_BAND_COLUMNS:
+    for name in (*PER_BAND_COLUMNS, *keys):
         if name in batch:
-            out[name] = batch[name].to(device, non_blocking=True)
-    if "votes" in batch:
-        out["votes"] = batch["votes"].to(device, non_blocking=True)  # (B, A) counts
+            out[name] = batch[name].to(device, non_blocking=True)  # votes: (B, A) counts; morph_class: (B,)
     return out
 
 
@@ -178,7 +192,7 @@ def held_out(model: Method, augment: BatchAugment, loader, device: torch.device,
         for i, batch in enumerate(loader):
             if i >= cfg.data.val_batches:
                 break
-            b = batch_to_device(batch, device, cfg.channels_last)
+            b = batch_to_device(batch, device, cfg.channels_last, keys)
             view1, view2 = augment(b, generator=gen)
             yield {"view1": view1, "view2": view2, "image": b["image"], **{k: b[k] for k in keys}}
 
@@ -229,33 +243,43 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
     if not cfg.data.path:
         raise ConfigError("data.path is empty: point it at a packed folder (sslsky pack --out ...)")
     schema = vote_schema(cfg)  # a method that uses votes: the items carry these vote columns
-    # a supervised method: only galaxies with at least one vote (the others would add nothing to the loss)
-    label = VOTES_LABEL if method_cls.labelled_only else None
+    # a method that learns from labels only draws the galaxies with one (the others would add nothing to its loss)
+    label = method_cls.draws(cfg)
+    subset = {}
+    if cfg.data.label_fraction < 1:
+        if label is None:
+            raise ConfigError(f"data.label_fraction={cfg.data.label_fraction}: method={cfg.method} draws every galaxy, "
+                              f"so there is no labelled subset to thin; leave data.label_fraction=1")
+        subset = {"label_fraction": cfg.data.label_fraction, "seed": cfg.data.label_seed}
     try:
-        train_set = ShardDataset(cfg.data.path, split="train", vote_columns=schema and schema.columns, label=label)
+        train_set = ShardDataset(cfg.data.path, split="train", vote_columns=schema and schema.columns, label=label,
+                                 **subset)
     except ValueError as err:
         raise ConfigError(f"{err} (votes.campaigns)") from None
     if schema is not None:
         n_train = int(split_mask(train_set.index.columns["object_id"], "train").sum())
         labelled = int((train_set.vote_counts[train_set.indices].sum(axis=1) > 0).sum())
         if main:
-            drawn = "; only those are drawn" if method_cls.labelled_only else ""
+            drawn = "; only those are drawn" if label == VOTES_LABEL else ""
             print(f"pretrain: {cfg.method} on {len(schema.questions)} questions / {schema.n_answers} answers; "
                   f"{labelled} of {n_train} training galaxies have votes{drawn}", flush=True)
         if labelled == 0:
             raise ConfigError(f"none of the {n_train} training galaxies in {cfg.data.path} has a vote in the "
                               f"{schema.n_answers} columns of votes.campaigns ({schema.columns[0]}...): pack a "
                               f"catalog with vote counts, or choose a method without votes (moco, byol, simclr)")
+    if label is not None and schema is None and main:
+        thinned = f" (data.label_fraction={cfg.data.label_fraction:g} of them)" if subset else ""
+        print(f"pretrain: {cfg.method} draws the {len(train_set)} training galaxies with a {label} label{thinned}",
+              flush=True)
     val_set = ShardDataset(cfg.data.path, split="val", vote_columns=schema and schema.columns, label=label)
     survey = data_survey(train_set.attrs, cfg.data.survey, cfg.data.path)
     augment = build_augment(cfg, survey, train_set).to(device)
     n_bands = len(train_set.attrs.get("bands") or survey.bands)
     crop = augment.augment.cfg.geometry.crop_size  # the side of the views (resolved for these shards)
-    model = build_method(cfg, n_bands, crop, schema).to(device)
+    model = build_method(cfg, n_bands, crop, schema, train_set).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters_to_optimize(), lr=0.0, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(cfg, model)
     amp_dtype = autocast_dtype(cfg.amp, device, fp16=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     global_batch = cfg.data.batch_size * world
@@ -307,20 +331,19 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
                           generator=torch.Generator(), worker_init_fn=ignore_interrupt)
     # Full validation batches only: the in-batch top-1 depends on the batch size (chance = 1 / batch).
     # The vote NLL is per galaxy: every labelled validation galaxy counts.
-    votes_only = method_cls.labelled_only
+    labelled_only = label is not None  # a per-galaxy validation: every labelled validation galaxy counts
     val_loader = batch_loader(val_set, SequentialSampler(val_set), max(1, min(cfg.data.batch_size, len(val_set))),
-                              drop_last=not votes_only, num_workers=0, generator=torch.Generator())
-    val_every = cfg.val_every if len(val_set) >= (1 if votes_only else 2) else 0
+                              drop_last=not labelled_only, num_workers=0, generator=torch.Generator())
+    val_every = cfg.val_every if len(val_set) >= (1 if labelled_only else 2) else 0
     if cfg.val_every and not val_every and main:
-        what = "validation galaxies with votes; no vote NLL" if votes_only else \
-            "validation image(s); no contrastive top-1"
+        what = f"validation galaxies with {label}; nothing" if labelled_only else "validation image(s); nothing"
         print(f"pretrain: only {len(val_set)} {what} is measured", flush=True)
     net = model
     if world > 1:
         # Buffers (BN statistics, the queue) stay each rank's own during training: the queue is
         # identical everywhere by construction (gathered keys), BN statistics need no broadcast.
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      **ddp_buffer_kwargs())
+                                      find_unused_parameters=model.find_unused_parameters, **ddp_buffer_kwargs())
     if cfg.compile:
         net = torch.compile(net)
     data_id = data_identity(cfg.data.path) if main else {}  # a resume elsewhere checks it is the same data
@@ -390,7 +413,7 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
         sampler.set_epoch(epoch, start_batch=offset)
         t = time.perf_counter()
         for batch in loader:
-            b = batch_to_device(batch, device, cfg.channels_last)
+            b = batch_to_device(batch, device, cfg.channels_last, model.batch_keys)
             sync(device)
             timers["data"] += (now := time.perf_counter()) - t
             t = now
@@ -544,5 +567,6 @@ def export_encoder(model: Method, cfg: PretrainConfig, survey: Survey, n_bands: 
         "survey": survey.name,
         "bands": list(survey.bands),
         "stats": attrs.get("stats", {}),
+        **({"method_state": extra} if (extra := model.export_state()) is not None else {}),
     }, path, keep=0)
     return path

@@ -321,6 +321,11 @@ class RunDirectory:
                 same_data(cfg.data.path, cfg.data.path, state.get("data_info")) is None:
             # the same folder, packed again since (another dtype, catalog or config): other data under one name
             diffs.append(("data.path", "the shards the run trained on", "packed again since: other shards"))
+        for key, old, new in diffs:
+            if key == "method":  # another method is another model: nothing else about the resume matters
+                raise ConfigError(f"run_dir {str(self.path)!r} holds a method={old} run at step {step}; this config "
+                                  f"is method={new}, which cannot resume it: give method={old}, or start the "
+                                  f"method={new} run in another run_dir")
         fixed = [key for key, _, _ in diffs if _covers(shape_keys(method), key)]
         refused = [d for d in diffs if d[0] in fixed or not _covers(cfg.resume.allow_changes, d[0])]
         if refused:

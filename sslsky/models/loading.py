@@ -39,6 +39,8 @@ from sslsky.models.encoders import ARCHITECTURES, STEMS, build_encoder
 from sslsky.surveys import Survey, get_survey
 
 ENCODER_FORMAT = "sslsky-encoder-v1"
+#: Architectures whose positional embeddings fix the input size (a crop of another size cannot be fed).
+FIXED_SIZE = ("vit", "fusion")
 #: Where the encoder is in training checkpoints written before they recorded ``encoder_prefix``.
 LEGACY_ENCODER_PREFIXES = ("encoder_q.", "online_encoder.")
 #: ResNet block counts per stage -> architecture, for reading foreign checkpoints.
@@ -81,6 +83,11 @@ class EvalTransform(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.crop(images)
         return self.normalize(x if x.is_floating_point() else x.float())
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The dict in a checkpoint file (``torch.load(weights_only=True)``); a CheckpointError saying what is wrong."""
+    return _read(Path(path))
 
 
 def _read(path: Path) -> dict:
@@ -176,20 +183,31 @@ def load_encoder(path: str | os.PathLike, stem: str | None = None, device: str |
         if stem not in STEMS:
             raise CheckpointError(f"unknown stem {stem!r}; choose one of {STEMS}")
         if "conv1.weight" not in weights:
-            raise CheckpointError(f"checkpoint {path} ({source}) has no conv1.weight: not a ResNet encoder")
+            raise CheckpointError(f"checkpoint {path} ({source}) has no conv1.weight, so it is no ResNet, and it "
+                                  f"records no encoder_args that would name another architecture")
         args = {"arch": arch, "in_channels": int(weights["conv1.weight"].shape[1]), "stem": stem}
     try:
         encoder = build_encoder(**args)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} ({source}) records an encoder this sslsky cannot build "
                               f"({args}): {err}") from None
-    result = encoder.load_state_dict(weights, strict=False)  # checked below, never ignored
+    try:
+        result = encoder.load_state_dict(weights, strict=False)  # checked below, never ignored
+    except RuntimeError as err:  # weights of other shapes than the recorded architecture has
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err)[:200])
+        raise CheckpointError(f"checkpoint {path} ({source}, {arch}): its weights do not fit the architecture it "
+                              f"records ({first}); is the file whole and unedited?") from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"checkpoint {path} ({source}, {arch}) does not match the encoder: "
                               f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
     encoder.eval().to(device)
     in_channels = int(encoder.build_args["in_channels"])
     transform = eval_transform(info, info.get("survey") or survey, in_channels, path).to(device)
+    size = encoder.build_args.get("image_size")
+    if size is not None and arch in FIXED_SIZE and transform.crop_size != size:
+        raise CheckpointError(f"checkpoint {path} ({arch}) was built for {size}-pixel inputs but records a "
+                              f"{transform.crop_size}-pixel crop (augment.geometry.crop_size); the file is "
+                              f"inconsistent: export it again")
     return LoadedEncoder(encoder=encoder, transform=transform, arch=arch, stem=encoder.build_args.get("stem"),
                          in_channels=in_channels, feature_dim=int(encoder.feature_dim), source=source, info=info,
                          build_args=dict(encoder.build_args))
