@@ -37,18 +37,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import shutil
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import label_efficiency as le  # noqa: E402  (stage helpers, machine description, epoch rule)
-import torch  # noqa: E402
 
 from sslsky.config import SweepConfig  # noqa: E402
 from sslsky.data.shards import ShardDataset  # noqa: E402
@@ -268,17 +264,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads > 0:
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-        torch.set_num_threads(args.threads)
-    work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
-    started = time.strftime("%Y-%m-%d %H:%M")
-    load_start = le.load_average()
-    print(f"hybrid_transfer: {le.machine()}\nhybrid_transfer: {command} -> {work} (load average {load_start})",
-          flush=True)
-    stages = le.Stages()
+    session = le.start("hybrid_transfer", args, argv)
+    work, stages = session.work, session.stages
     stages.run("1 mock", stage_mock, args, work)
     stages.run("2 pack", le.stage_pack, args, work)
     for i, method in enumerate(args.methods):
@@ -286,18 +273,12 @@ def main(argv=None) -> None:
     stages.run("4 transfer", stage_transfer, args, work)
 
     table, notes = build_table(args, work)
-    md = [f"# Pretraining methods on low-label morphology ({started})", "",
-          f"Mock SDSS survey of {args.n_galaxies} galaxies (train/val/test 80/10/10), votes for "
-          f"{1 - args.unlabelled:.0%} of them; each method pretrained {args.pretrain_steps} steps of batch 32 "
-          f"(ResNet-18, 32×32 crops, config/pretrain_demo.yaml); downstream: 7-class morph_class on the fixed test "
-          f"split; seeds {', '.join(map(str, args.seeds))} (label subset and head); mean ± half the seed range.", "",
-          *table, "", "Baselines:", *notes, "", "Pretraining:", *pretrain_lines(args, work), "",
-          f"Machine: {le.machine()}; load average {load_start} at the start, {le.load_average()} at the end.", "",
-          f"Command: `{command}`", "", "Stage times:", "```", *stages.table(), "```", ""]
-    out = work / "hybrid_transfer.md"
-    out.write_text("\n".join(md))
-    print("\n" + "\n".join(md), flush=True)
-    print(f"hybrid_transfer: table in {out}", flush=True)
+    le.write_report(session, "Pretraining methods on low-label morphology", [
+        f"Mock SDSS survey of {args.n_galaxies} galaxies (train/val/test 80/10/10), votes for "
+        f"{1 - args.unlabelled:.0%} of them; each method pretrained {args.pretrain_steps} steps of batch 32 "
+        f"(ResNet-18, 32×32 crops, config/pretrain_demo.yaml); downstream: 7-class morph_class on the fixed test "
+        f"split; seeds {', '.join(map(str, args.seeds))} (label subset and head); mean ± half the seed range.", "",
+        *table, "", "Baselines:", *notes, "", "Pretraining:", *pretrain_lines(args, work)])
 
 
 if __name__ == "__main__":

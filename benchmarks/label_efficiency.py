@@ -32,6 +32,7 @@ other knobs is an error naming the folder (use another ``--workdir``). Sweep cel
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -116,6 +117,45 @@ class Stages:
         lines = [f"  {name:28s} {elapsed:7.0f} s  {note}" for name, elapsed, note in self.times]
         total = sum(t for _, t, _ in self.times)
         return lines + [f"  {'total':28s} {total:7.0f} s  ({total / 60:.1f} min)"]
+
+
+@dataclasses.dataclass
+class Session:
+    """One benchmark run: its work folder, command line, start time and load average, stage timer."""
+
+    name: str
+    work: Path
+    command: str
+    started: str
+    load_start: str
+    stages: Stages = dataclasses.field(default_factory=lambda: Stages())
+
+
+def start(name: str, args, argv=None) -> Session:
+    """Threads for this process (the sweeps) and the subprocesses, the work folder, the command line, printed."""
+    if getattr(args, "threads", 0) > 0:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    session = Session(name, work, command, time.strftime("%Y-%m-%d %H:%M"), load_average())
+    print(f"{name}: {machine()}\n{name}: {command} -> {work} (load average {session.load_start})", flush=True)
+    return session
+
+
+def write_report(session: Session, title: str, body: list[str], where: str = "") -> Path:
+    """``WORK/<name>.md``: the title with the start time, ``body``, the machine, the load, the command and the stage
+    times; printed too. ``where``: what else the run left, said after the table's path."""
+    md = [f"# {title} ({session.started})", "", *body, "",
+          f"Machine: {machine()}; load average (1/5/15 min) {session.load_start} at the start, {load_average()} "
+          f"at the end.", "", f"Command: `{session.command}`", "", "Stage times:", "```", *session.stages.table(),
+          "```", ""]
+    out = session.work / f"{session.name}.md"
+    out.write_text("\n".join(md))
+    print("\n" + "\n".join(md), flush=True)
+    print(f"{session.name}: table in {out}{f'; {where}' if where else ''}", flush=True)
+    return out
 
 
 def check_stamp(folder: Path, knobs: dict, done: bool) -> bool:
@@ -456,18 +496,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads > 0:  # this process (the sweeps) and the subprocesses (mock, pack, pretrain)
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-        torch.set_num_threads(args.threads)
-    work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
-    started = time.strftime("%Y-%m-%d %H:%M")
-    load_start = load_average()
-    print(f"label_efficiency: {machine()}\nlabel_efficiency: {command} -> {work} (load average {load_start})",
-          flush=True)
-
-    stages = Stages()
+    session = start("label_efficiency", args, argv)
+    work, stages = session.work, session.stages
     stages.run("1 mock", stage_mock, args, work)
     stages.run("2 pack", stage_pack, args, work)
     stages.run("3 pretrain", stage_pretrain, args, work)
@@ -478,24 +508,16 @@ def main(argv=None) -> None:
     table, saving, facts = build_report(rows, args.fractions, args.seeds)
     baselines = baseline_lines(work, args.fractions, args.seeds)
     verdicts = verdict_lines(facts)
-    load_end = load_average()
     header = [
         f"Mock SDSS survey of {args.n_galaxies} galaxies (train/val/test 80/10/10 by object id), MoCo v2 "
         f"{args.pretrain_steps} steps (ResNet-18, 32×32 crops); seeds {', '.join(map(str, args.seeds))}; "
         f"values are the mean over seeds ± half their range, on the fixed test split.",
     ]
-    timing = ["```", *stages.table(), "```"]
-    md = [f"# Label efficiency ({started})", "", *header, "", *table, "",
-          "Labels scratch needs to match finetune (scratch's mean metric interpolated in log n; factor = that "
-          "over finetune's labels):", "", *saving, "", *verdicts, "", "Trivial predictors:", *baselines, "",
-          f"Machine: {machine()}; load average (1/5/15 min) {load_start} at the start, {load_end} at the end.", "",
-          f"Command: `{command}`", "", "Stage times:", *timing, ""]
-    out = work / "label_efficiency.md"
-    out.write_text("\n".join(md))
-    print("\n" + "\n".join(md), flush=True)
-    print(f"label_efficiency: table in {out}; per-cell metrics in {work / 'sweep'} (results.csv, "
-          f"label_efficiency_*.png)", flush=True)
-
+    write_report(session, "Label efficiency", [
+        *header, "", *table, "",
+        "Labels scratch needs to match finetune (scratch's mean metric interpolated in log n; factor = that "
+        "over finetune's labels):", "", *saving, "", *verdicts, "", "Trivial predictors:", *baselines],
+        where=f"per-cell metrics in {work / 'sweep'} (results.csv, label_efficiency_*.png)")
 
 if __name__ == "__main__":
     main()

@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import statistics
 import sys
 import time
@@ -280,17 +278,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads > 0:  # this process (the evaluations) and the subprocesses (mock, pack, pretrain)
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-        torch.set_num_threads(args.threads)
-    work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
-    started = time.strftime("%Y-%m-%d %H:%M")
-    load_start = le.load_average()
-    print(f"methods: {le.machine()}\nmethods: {command} -> {work} (load average {load_start})", flush=True)
-
-    stages = le.Stages()
+    session = le.start("methods", args, argv)
+    work, stages = session.work, session.stages
     stages.run("1 mock", le.stage_mock, args, work)
     stages.run("2 pack", le.stage_pack, args, work)
     for name in args.configs:
@@ -300,20 +289,13 @@ def main(argv=None) -> None:
         stages.run(f"4 eval {name}", stage_eval, args, work, name)
 
     table, notes = build_table(args, work, stages)
-    md = [f"# Pretraining methods and encoders ({started})", "",
-          f"Mock SDSS survey of {args.n_galaxies} galaxies (train/val/test 80/10/10 by object id); every config "
-          f"pretrained {args.pretrain_steps} steps of batch 32 on 32×32 crops (config/pretrain_demo.yaml, same "
-          f"augmentations and schedule; only method and encoder differ); downstream: 7-class morph_class on the "
-          f"fixed test split, frozen features; seeds {', '.join(map(str, args.seeds))} (seed s = pretraining seed s "
-          f"and label subset / head / k-means seed s); values are the mean over seeds ± half their range.", "",
-          *table, "", *[f"- {line}" for line in notes], "",
-          f"Machine: {le.machine()}; load average {load_start} at the start, {le.load_average()} at the end.", "",
-          f"Command: `{command}`", "", "Stage times:", "```", *stages.table(), "```", ""]
-    out = work / "methods.md"
-    out.write_text("\n".join(md))
-    print("\n" + "\n".join(md), flush=True)
-    print(f"methods: table in {out}; per-cell metrics in {work / 'sweep'}", flush=True)
-
+    le.write_report(session, "Pretraining methods and encoders", [
+        f"Mock SDSS survey of {args.n_galaxies} galaxies (train/val/test 80/10/10 by object id); every config "
+        f"pretrained {args.pretrain_steps} steps of batch 32 on 32×32 crops (config/pretrain_demo.yaml, same "
+        f"augmentations and schedule; only method and encoder differ); downstream: 7-class morph_class on the "
+        f"fixed test split, frozen features; seeds {', '.join(map(str, args.seeds))} (seed s = pretraining seed s "
+        f"and label subset / head / k-means seed s); values are the mean over seeds ± half their range.", "",
+        *table, "", *[f"- {line}" for line in notes]], where=f"per-cell metrics in {work / 'sweep'}")
 
 if __name__ == "__main__":
     main()

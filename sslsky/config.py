@@ -262,7 +262,12 @@ class AlignConfig:
     logit_scale_max: float = checked(math.log(100.0), "> 0")  # the clamp (CLIP)
     # the stages' steps add up to optim.total_steps; [] one image stage (image_text + symbol_text)
     stages: list[Stage] = dataclasses.field(default_factory=list)
+    # replaces the defaults whole: give every class of the data
     class_captions: dict[str, list[str]] = dataclasses.field(default_factory=_default_class_captions)
+    # symbol kinds for classes of your own names (sslsky symbols --out DIR draws the kinds), e.g.
+    # {elliptical: [round-smooth, in-between-smooth], spiral: [unbarred-spiral-2-arms]}; the vocabulary's classes
+    # have theirs (sslsky.data.symbols.CLASS_SYMBOLS)
+    class_symbols: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     answer_phrases: dict[str, str] = dataclasses.field(default_factory=_default_answer_phrases)
     vote_caption: str = "a galaxy that is {answers}"  # a vote path's caption; {answers}: its answers' phrases
 

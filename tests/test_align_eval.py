@@ -210,6 +210,9 @@ def test_word_query_refusals_are_messages(aligned, packed_mock, encoder_path, tm
     assert "edge-on disk" in capsys.readouterr().err
     assert main([*search, "--text", "a galaxy", "--symbol", "edge-on disk"]) == 2
     assert "one of" in capsys.readouterr().err
+    for empty in ("   ", ",,,"):  # no words: refused, never a ranking of the bare <sot> <eot> caption
+        assert main([*search, "--text", empty]) == 2
+        assert "has no words" in capsys.readouterr().err
     features = tmp_path / "features.h5"
     assert main(["embed", "--ckpt", str(encoder_path), "--data", str(packed_mock), "--out", str(features),
                  "num_workers=0", "progress=false"]) == 0

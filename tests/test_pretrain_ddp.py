@@ -62,8 +62,8 @@ def trainer_worker(rank: int, world: int, runs: list[tuple[list[str], int, str]]
                           MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         seen: dict = {"forwards": 0}
 
-        def build_and_watch(cfg, n_bands, image_size, votes, seen=seen):
-            model = build_method(cfg, n_bands, image_size, votes)
+        def build_and_watch(cfg, n_bands, image_size, votes, data=None, seen=seen):
+            model = build_method(cfg, n_bands, image_size, votes, data)
 
             def before_forward(module, inputs):  # training forwards only: validation calls embed()
                 seen["forwards"] += 1

@@ -428,7 +428,9 @@ ANSWER_SYMBOLS: dict[tuple[str, str], str] = {
 def class_symbols(name: str) -> list[str]:
     """The kinds drawn for the morphology class ``name`` (one of MORPH_CLASSES); ValueError otherwise."""
     if name not in CLASS_SYMBOLS:
-        raise ValueError(f"no symbols for morphology class {name!r}; known classes: {list(MORPH_CLASSES)}")
+        raise ValueError(f"no symbols for the class {name!r} (the vocabulary's classes are {list(MORPH_CLASSES)}); "
+                         f"name its kinds in model.align.class_symbols, e.g. {{{name!r}: [round-smooth]}} "
+                         f"(sslsky symbols --out DIR draws every kind)")
     return list(CLASS_SYMBOLS[name])
 
 

@@ -123,6 +123,10 @@ def text_query(model, text: str) -> np.ndarray:
     """``(D,)`` unit vector of ``text`` through the text tower; a ConfigError naming unknown words."""
     import torch
 
+    from sslsky.data.captions import words
+
+    if not words(text):
+        raise ConfigError(f"--text {text!r} has no words; give a description, e.g. --text 'an edge-on disk galaxy'")
     try:
         tokens = model.tokenizer.encode([text], model.text_tower.context, strict=True)
     except ValueError as err:
@@ -316,7 +320,10 @@ def _write_grid(cfg: SearchConfig, images: list[np.ndarray], titles: list[str], 
 def _print_evaluation(emb: Embeddings, cfg: SearchConfig, skipped: set[int], model=None) -> None:
     started = time.perf_counter()
     prototypes, names = None, None
-    if model is not None:  # aligned embeddings: the class prototypes as queries too
+    if model is not None and model.label != "morph_class":
+        print(f"search: {emb.path} was aligned on vote paths (model.align.labels={model.label}), not classes: text "
+              f"and symbol retrieval, scored by class, are left out", flush=True)
+    elif model is not None:  # aligned embeddings: the class prototypes as queries too
         prototypes = {kind: v.cpu().numpy() for kind, v in model.prototypes().items()}
         names = list(model.class_names)
     with _reading(emb):

@@ -264,8 +264,9 @@ def run_sweep(cfg: SweepConfig, collect_only: bool = False) -> int:
                   f"{cell.label_fraction:g} seed {cell.seed} in {cell.folder(out)}", file=sys.stderr, flush=True)
     flagged = [row for row in rows if row.get("warnings")]
     if flagged:
-        print(f"sweep: WARNING: {len(flagged)} of {len(rows)} result(s) have a test split too small to mean "
-              f"anything (see the warnings column of {out / RESULTS_NAME}), e.g. {flagged[0]['task']} "
+        print(f"sweep: WARNING: {len(flagged)} of {len(rows)} result(s) come from splits too small or incomplete "
+              f"to mean much (a small test or train split, a class with no test or train galaxy, k above the labels; "
+              f"see the warnings column of {out / RESULTS_NAME}), e.g. {flagged[0]['task']} "
               f"{flagged[0].get('protocol')} fraction {flagged[0].get('label_fraction')}: {flagged[0]['warnings']}",
               file=sys.stderr, flush=True)
     print(f"sweep: {len(rows)} result(s) in {out / RESULTS_NAME}", flush=True)

@@ -41,13 +41,13 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from sslsky.data.captions import EOT, WordTokenizer, class_captions, path_index, path_table, vote_caption
-from sslsky.data.symbols import answer_symbol, class_symbols, render
+from sslsky.data.symbols import SYMBOLS, answer_symbol, class_symbols, render
 from sslsky.errors import ConfigError
 from sslsky.losses import clip_loss
 from sslsky.methods.base import Method, check_views
 from sslsky.models.encoders import build_encoder
 from sslsky.models.text import TextTransformer
-from sslsky.vocabulary import class_names
+from sslsky.vocabulary import LABEL_COLUMN, MORPH_CLASSES, class_names
 
 if TYPE_CHECKING:
     from sslsky.config import AlignConfig, PretrainConfig
@@ -113,6 +113,8 @@ class Align(Method):
         self.register_buffer("caption_counts", torch.tensor([len(c) for c in captions]), persistent=False)
         self.register_buffer("symbols", symbols, persistent=False)  # (K, V, C, S, S)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))  # the stage is a function of it
+        # whether the symbol tower became the image tower's copy when its own stage came (once, resumes included)
+        self.register_buffer("symbol_copied", torch.zeros((), dtype=torch.bool))
         self.vote_schema = votes
         if label == "votes":  # a galaxy's vote path (by its code) -> its label (the index of the path's caption)
             _, codes = path_table(votes)
@@ -152,6 +154,9 @@ class Align(Method):
                               f"{image_size}: set augment.geometry.crop_size={size}")
         encoder = loaded.encoder.train()
         encoder.build_args = {**loaded.build_args, "image_size": image_size}
+        if loaded.info.get("method") == "align":
+            print(f"pretrain: model.align.init={init} is an align export: its image tower is the start; its text "
+                  f"and symbol towers start afresh", flush=True)
         return encoder
 
     @classmethod
@@ -171,10 +176,14 @@ class Align(Method):
                     path = paths[path_label.index(label)]
                     kinds.append([answer_symbol(q, ans) for q, ans in path.answers(votes)] or ["artifact"])
             else:
-                top = int(data.index.columns["morph_class"][data.indices].max()) if data is not None else 6
-                names = class_names(max(top, 0), data.attrs if data is not None else {})
+                names = pack_classes(data)
                 captions = class_captions(names, a.class_captions)
-                kinds = [class_symbols(name) for name in names]
+                kinds = [list(a.class_symbols[name]) if name in a.class_symbols else class_symbols(name)
+                         for name in names]
+                bad = sorted({k for ks in kinds for k in ks} - set(SYMBOLS))
+                if bad:
+                    raise ValueError(f"model.align.class_symbols names unknown symbol kind(s) {bad}; the kinds are "
+                                     f"{', '.join(SYMBOLS)} (sslsky symbols --out DIR draws them)")
         except ValueError as err:
             raise ConfigError(f"model.align: {err}") from None
         symbols = symbol_table(kinds, size, a.symbol_variants, bands)
@@ -276,10 +285,12 @@ class Align(Method):
         without, the symbol tower (and projection) become copies of the image tower's (GalaxAlign's stage 2)."""
         self.logit_scale.clamp_(min=0.0, max=self.logit_scale_max)
         self.steps_done.fill_(step)
-        for before, stage in zip(self.stages, self.stages[1:]):
-            if step == stage["start"] and stage["symbol_tower"] == "own" and before["symbol_tower"] == "image":
+        stage = self.stage()
+        if stage["symbol_tower"] == "own" and not bool(self.symbol_copied):
+            if any(s["symbol_tower"] == "image" for s in self.stages if s["start"] < stage["start"]):
                 self.symbol_tower.load_state_dict(self.image_tower.state_dict())
                 self.symbol_projection.load_state_dict(self.image_projection.state_dict())
+            self.symbol_copied.fill_(True)  # a first stage of its own starts from the copy made at construction
 
     # ---- validation and export ---------------------------------------------------------------------
 
@@ -306,11 +317,15 @@ class Align(Method):
             image = F.normalize(self.embed_image(eval_view(batch["image"][labelled])).float(), dim=1)
             hits += int(((image @ proto.T).argmax(dim=1) == index[labelled]).sum())
             count += int(labelled.sum())
-        return {"val_zeroshot_acc": hits / max(1, count)}
+        if not count:
+            return {"val_labelled": 0}
+        return {"val_zeroshot_acc": hits / count, "val_labelled": count}
 
     @staticmethod
     def describe(record: dict[str, float]) -> str:
-        return f"val zero-shot accuracy {record['val_zeroshot_acc']:.3f}"
+        if "val_zeroshot_acc" not in record:
+            return "no labelled validation galaxy: no zero-shot accuracy"
+        return f"val zero-shot accuracy {record['val_zeroshot_acc']:.3f} ({record['val_labelled']} galaxies)"
 
     def export_state(self) -> dict:
         """What zero-shot classification and text / symbol queries need besides the image tower."""
@@ -330,6 +345,21 @@ class Align(Method):
                         if not name.startswith("image_tower.") and name != "steps_done"},
             "symbols": self.symbols.detach().cpu().clone(),
         }
+
+
+def pack_classes(data) -> list[str]:
+    """The class names of the pack (its ``label_names``; the vocabulary's for the default label column), numbered
+    up to the largest class in any split, so a thinned subset of labels keeps every class of the data."""
+    if data is None:
+        return list(MORPH_CLASSES)
+    attrs = data.attrs
+    labels = data.index.columns["morph_class"]
+    top = int(labels.max()) if len(labels) else -1
+    named = len(attrs.get("label_names") or {}) or (len(MORPH_CLASSES) if attrs.get("label_column", LABEL_COLUMN)
+                                                    == LABEL_COLUMN else 0)
+    if max(top + 1, named) == 0:
+        raise ValueError("no galaxy of the pack has a class label (morph_class): align needs labelled galaxies")
+    return class_names(max(top, named - 1), attrs)
 
 
 def load_aligned(path, device: str | torch.device = "cpu") -> tuple[Align, object]:

@@ -267,9 +267,13 @@ def _run(cfg: PretrainConfig, preempt: PreemptionFlag, run: RunDirectory, comman
             raise ConfigError(f"none of the {n_train} training galaxies in {cfg.data.path} has a vote in the "
                               f"{schema.n_answers} columns of votes.campaigns ({schema.columns[0]}...): pack a "
                               f"catalog with vote counts, or choose a method without votes (moco, byol, simclr)")
+    if label is not None and len(train_set) == 0:
+        raise ConfigError(f"no training galaxy in {cfg.data.path} has a {label} label, which method={cfg.method} "
+                          f"learns from: pack a catalog with labels (--label-column), or choose a method without")
     if label is not None and schema is None and main:
         thinned = f" (data.label_fraction={cfg.data.label_fraction:g} of them)" if subset else ""
-        print(f"pretrain: {cfg.method} draws the {len(train_set)} training galaxies with a {label} label{thinned}",
+        column = train_set.attrs.get("label_column") or label
+        print(f"pretrain: {cfg.method} draws the {len(train_set)} training galaxies with a label ({column}){thinned}",
               flush=True)
     val_set = ShardDataset(cfg.data.path, split="val", vote_columns=schema and schema.columns, label=label)
     survey = data_survey(train_set.attrs, cfg.data.survey, cfg.data.path)

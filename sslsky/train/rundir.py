@@ -204,6 +204,20 @@ def show(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else f"{text[:width - 3]}..."
 
 
+def change_line(key: str, old: Any, new: Any) -> str:
+    """``key: old -> new``; for lists (of mappings), the first entry and field that differ, so that two long values
+    with the same beginning still show what changed (``model.align.stages[1].image_text: 1.0 -> 2.0``)."""
+    while isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        i = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), None)
+        if i is None:
+            break
+        key, old, new = f"{key}[{i}]", old[i], new[i]
+        if isinstance(old, dict) and isinstance(new, dict):
+            field = next((f for f in {**old, **new} if old.get(f) != new.get(f)), None)
+            key, old, new = f"{key}.{field}", old.get(field), new.get(field)
+    return f"  {key}: {show(old)} -> {show(new)}"
+
+
 def fixed_message(keys: list[str]) -> str:
     """Why ``keys`` (shape keys) cannot change on a resume."""
     names = ", ".join(keys)
@@ -329,7 +343,7 @@ class RunDirectory:
         fixed = [key for key, _, _ in diffs if _covers(shape_keys(method), key)]
         refused = [d for d in diffs if d[0] in fixed or not _covers(cfg.resume.allow_changes, d[0])]
         if refused:
-            lines = "\n".join(f"  {key}: {show(old)} -> {show(new)}" for key, old, new in refused)
+            lines = "\n".join(change_line(key, old, new) for key, old, new in refused)
             allowable = [key for key, _, _ in refused if key not in fixed]
             allow = sorted({*cfg.resume.allow_changes, *allowable})
             longer = ""
