@@ -118,7 +118,7 @@ def test_every_class_and_answer_has_a_symbol():
 
 
 def test_unknown_names_are_clear_errors():
-    with pytest.raises(ValueError, match="'spiral'.*known classes.*barred spiral"):
+    with pytest.raises(ValueError, match="'spiral'.*vocabulary's classes.*barred spiral.*model.align.class_symbols"):
         class_symbols("spiral")
     with pytest.raises(ValueError, match="'has-bars'.*known questions.*has-bar"):
         answer_symbol("has-bars", "yes")

@@ -125,7 +125,7 @@ def text_query(model, text: str) -> np.ndarray:
 
     from sslsky.data.captions import words
 
-    if not words(text):
+    if not any(w[0].isalnum() for w in words(text)):  # punctuation alone says nothing either
         raise ConfigError(f"--text {text!r} has no words; give a description, e.g. --text 'an edge-on disk galaxy'")
     try:
         tokens = model.tokenizer.encode([text], model.text_tower.context, strict=True)
