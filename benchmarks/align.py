@@ -302,19 +302,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-steps", type=int, help="raise the epochs of small label sets to this many optimizer "
                                                       f"steps (default {DEFAULTS['min_steps']})")
     parser.add_argument("--k", type=int, help=f"retrieval depth of mAP@k / precision@k (default {DEFAULTS['k']})")
-    parser.add_argument("--workdir", help=f"outputs, kept for resuming (default {DEFAULTS['workdir']})")
-    parser.add_argument("--quick", action="store_true", help="tiny scale (plumbing check): " + ", ".join(
-        f"{k}={v}" for k, v in QUICK.items()))
-    parser.add_argument("--ranks", type=int, default=1, help="MPI ranks for mock and pack (default 1)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (pretraining and evaluation)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the evaluation (default 0)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch/OpenMP threads per process (default 0: torch's choice); 1 on a shared CPU")
-    args = parser.parse_args(argv)
-    base = QUICK if args.quick else DEFAULTS
-    for key, value in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    le.add_run_args(parser, DEFAULTS, QUICK, ranks=1)
+    args = le.parse_run_args(parser, argv, DEFAULTS, QUICK)
     args.fractions = sorted(float(x) for x in str(args.fractions).split(",") if x)
     args.seeds = [int(x) for x in str(args.seeds).split(",") if x]
     if not args.fractions or any(not 0 < f <= 1 for f in args.fractions):

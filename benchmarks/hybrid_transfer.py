@@ -237,17 +237,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"(default {DEFAULTS['min_steps']})")
     parser.add_argument("--eval-override", action="append", default=[], dest="eval_overrides", metavar="KEY=VALUE",
                         help="extra eval_morph.yaml override for every cell, e.g. optim.encoder_lr_factor=1.0")
-    parser.add_argument("--workdir", help=f"outputs, kept for resuming (default {DEFAULTS['workdir']})")
-    parser.add_argument("--quick", action="store_true", help="tiny scale (plumbing check)")
-    parser.add_argument("--ranks", type=int, default=2, help="MPI ranks for mock and pack (default 2)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the evaluation (default 0)")
-    parser.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads per process (0: torch's choice)")
-    args = parser.parse_args(argv)
-    base = QUICK if args.quick else DEFAULTS
-    for key, value in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    le.add_run_args(parser, DEFAULTS, QUICK)
+    args = le.parse_run_args(parser, argv, DEFAULTS, QUICK)
     args.methods = [m for m in str(args.methods).split(",") if m]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:

@@ -158,6 +158,27 @@ def write_report(session: Session, title: str, body: list[str], where: str = "")
     return out
 
 
+def add_run_args(parser: argparse.ArgumentParser, defaults: dict, quick: dict, ranks: int = 2) -> None:
+    """The options every benchmark has: --workdir, --quick, --ranks, --device, --workers, --threads."""
+    parser.add_argument("--workdir", help=f"outputs, kept for resuming (default {defaults['workdir']})")
+    parser.add_argument("--quick", action="store_true", help="tiny scale (plumbing check): " + ", ".join(
+        f"{k}={v}" for k, v in quick.items()))
+    parser.add_argument("--ranks", type=int, default=ranks, help=f"MPI ranks for mock and pack (default {ranks})")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (pretraining and evaluation)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the evaluation (default 0)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch/OpenMP threads per process (default 0: torch's choice); 1 on a shared CPU")
+
+
+def parse_run_args(parser: argparse.ArgumentParser, argv, defaults: dict, quick: dict) -> argparse.Namespace:
+    """Parsed arguments with every option left unset taken from ``quick`` (--quick) or ``defaults``."""
+    args = parser.parse_args(argv)
+    for key, value in (quick if args.quick else defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 def check_stamp(folder: Path, knobs: dict, done: bool) -> bool:
     """True when ``folder`` holds this stage's finished outputs for ``knobs``; an error for other knobs."""
     stamp = folder / "benchmark_stage.json"
@@ -473,20 +494,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-steps", type=int,
                         help="raise the epochs of small label sets to this many optimizer steps "
                              f"(default {DEFAULTS['min_steps']})")
-    parser.add_argument("--workdir", help=f"outputs, kept for resuming (default {DEFAULTS['workdir']})")
-    parser.add_argument("--quick", action="store_true", help="tiny scale (plumbing check): " + ", ".join(
-        f"{k}={v}" for k, v in QUICK.items()))
-    parser.add_argument("--ranks", type=int, default=2, help="MPI ranks for mock and pack (default 2)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (pretraining and evaluation)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the evaluation (default 0)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch/OpenMP threads per process (default 0: torch's choice, one per core); 1 is "
-                             "much faster on a core shared with other jobs")
-    args = parser.parse_args(argv)
-    base = QUICK if args.quick else DEFAULTS
-    for key, value in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    add_run_args(parser, DEFAULTS, QUICK)
+    args = parse_run_args(parser, argv, DEFAULTS, QUICK)
     args.fractions = sorted(float(x) for x in str(args.fractions).split(","))
     args.seeds = [int(x) for x in str(args.seeds).split(",")]
     if any(not 0 < f <= 1 for f in args.fractions):

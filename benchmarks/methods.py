@@ -251,19 +251,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help=f"linear-probe epochs (default {DEFAULTS['epochs']})")
     parser.add_argument("--min-steps", type=int, help="raise the linear-probe epochs to this many steps "
                                                       f"(default {DEFAULTS['min_steps']})")
-    parser.add_argument("--workdir", help=f"outputs, kept for resuming (default {DEFAULTS['workdir']})")
-    parser.add_argument("--quick", action="store_true", help="tiny scale (plumbing check): " + ", ".join(
-        f"{k}={v}" for k, v in QUICK.items()))
-    parser.add_argument("--ranks", type=int, default=2, help="MPI ranks for mock and pack (default 2)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (pretraining and evaluation)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the evaluation (default 0)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch/OpenMP threads per process (default 0: torch's choice); 1 on a shared CPU")
-    args = parser.parse_args(argv)
-    base = QUICK if args.quick else DEFAULTS
-    for key, value in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    le.add_run_args(parser, DEFAULTS, QUICK)
+    args = le.parse_run_args(parser, argv, DEFAULTS, QUICK)
     args.configs = [c for c in str(args.configs).split(",") if c]
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown or not args.configs:
