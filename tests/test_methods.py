@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import ClassVar
@@ -39,7 +40,7 @@ from sslsky.data.schema import MANIFEST_NAME
 from sslsky.methods import METHODS, SimCLR, check_sections
 from sslsky.methods.base import Method, check_views
 from sslsky.models.encoders import build_encoder
-from sslsky.models.loading import load_encoder
+from sslsky.models.loading import CheckpointError, load_encoder
 from sslsky.train.checkpoint import load_checkpoint
 
 LAYOUT_FILE = Path(__file__).parent / "data" / "legacy_v1_layout.json"
@@ -589,3 +590,69 @@ def test_simclr_resumes_bit_identically(simclr_run, packed_mock, tmp_path, capsy
         assert torch.equal(tensor, b["model"][name]), name
     for key, value in a["optimizer"]["state"].items():
         assert torch.equal(value["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"]), key
+
+
+# ---- what the hostile pass on issue 12 found ------------------------------------------------------------------
+
+
+def test_a_vit_encoder_embeds_and_refuses_files_that_contradict_themselves(simclr_run, packed_mock, tmp_path,
+                                                                          capsys):
+    """A vit has no stem: embed writes its file all the same. A copy of its encoder.pt whose encoder_args or crop
+    no longer fit its weights is a message naming the file, never a traceback."""
+    arch, run_dir = simclr_run
+    if arch != "vit":
+        pytest.skip("the vit run")
+    out = tmp_path / "emb.h5"
+    assert main(["embed", "--ckpt", str(run_dir / "encoder.pt"), "--data", str(packed_mock), "--out", str(out),
+                 "num_workers=0", "progress=false"]) == 0
+    import h5py
+
+    with h5py.File(out, "r") as handle:
+        assert handle.attrs["arch"] == "vit" and handle.attrs["stem"] == ""
+    state = torch.load(run_dir / "encoder.pt", weights_only=True)
+    for name, edit in (("size", lambda s: s["encoder_args"].update(image_size=64)),
+                       ("bands", lambda s: s["encoder_args"].update(in_channels=3)),
+                       ("crop", lambda s: s["augment"]["geometry"].update(crop_size=24))):
+        bad = copy.deepcopy(state)
+        edit(bad)
+        path = tmp_path / f"{name}.pt"
+        torch.save(bad, path)
+        with pytest.raises(CheckpointError, match=str(path)):
+            load_encoder(path)
+        assert main(["embed", "--ckpt", str(path), "--data", str(packed_mock), "--out", str(tmp_path / "x.h5"),
+                     "num_workers=0", "progress=false"]) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and "Traceback" not in err
+
+
+def test_a_vit_fine_tunes_with_layer_wise_learning_rates_over_its_blocks():
+    from sslsky.eval.supervised import encoder_blocks
+
+    vit = build_encoder("vit", 3, image_size=16, patch_size=4, depth=3, width=16, heads=2)
+    blocks = encoder_blocks(vit)
+    assert [name for name, _ in blocks] == ["blocks.2", "blocks.1", "blocks.0", "embed"]
+    params = [p for _, group in blocks for p in group]
+    assert len(params) == len(list(vit.parameters())) == len({id(p) for p in params})  # each once
+    assert any(p is vit.norm.weight for p in blocks[0][1])  # the final norm trains with the top block
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["method=simclr", "votes.weight=7"], "votes is read only by methods that use vote counts"),
+    (["method=votes", "votes.weight=0"], "votes.weight is read only by method=hybrid"),
+    (["data.batch_size=1"], "data.batch_size=1 must be >= 2"),
+    (["method=simclr", "model.simclr.temperature=1e-30"], "model.simclr.temperature=1e-30 must be >= 0.001"),
+])
+def test_settings_that_could_only_mislead_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_sections(load_config(PretrainConfig, None, ["model.moco={}", *overrides]))
+    check_sections(load_config(PretrainConfig, None, ["method=hybrid", "model.moco={}", "votes.weight=2"]))
+
+
+def test_a_run_of_one_method_cannot_be_resumed_as_another(packed_mock, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(tiny_pretrain_args(packed_mock, run_dir, "optim.total_steps=2", "checkpoint_every=2",
+                                   "val_every=0")) == 0
+    assert main(tiny_pretrain_args(packed_mock, run_dir, "method=simclr", "optim.total_steps=2")) == 2
+    err = capsys.readouterr().err
+    assert "holds a method=moco run at step 2" in err and "method=simclr, which cannot resume it" in err
+    assert "allow_changes" not in err  # no allowance can turn one method into another
