@@ -36,6 +36,7 @@ import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
@@ -115,6 +116,9 @@ class Align(Method):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))  # the stage is a function of it
         # whether the symbol tower became the image tower's copy when its own stage came (once, resumes included)
         self.register_buffer("symbol_copied", torch.zeros((), dtype=torch.bool))
+        # Python mirrors of the two buffers: reading a buffer on a GPU every step would wait for the device
+        self._done, self._copied = 0, False
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._mirror_buffers())
         self.vote_schema = votes
         if label == "votes":  # a galaxy's vote path (by its code) -> its label (the index of the path's caption)
             _, codes = path_table(votes)
@@ -140,7 +144,7 @@ class Align(Method):
         init = cfg.model.align.init
         if not init:
             return super().make_encoder(cfg, n_bands, image_size)
-        from sslsky.models.loading import CheckpointError, load_encoder
+        from sslsky.models.loading import FIXED_SIZE, CheckpointError, load_encoder
 
         try:
             loaded = load_encoder(init)
@@ -149,7 +153,7 @@ class Align(Method):
         if loaded.in_channels != n_bands:
             raise ConfigError(f"model.align.init={init} takes {loaded.in_channels} bands but the data have {n_bands}")
         size = loaded.build_args.get("image_size")
-        if size not in (None, image_size) and loaded.arch in ("vit", "fusion"):
+        if size not in (None, image_size) and loaded.arch in FIXED_SIZE:
             raise ConfigError(f"model.align.init={init} was trained on {size}-pixel crops, this run's are "
                               f"{image_size}: set augment.geometry.crop_size={size}")
         encoder = loaded.encoder.train()
@@ -199,9 +203,12 @@ class Align(Method):
 
     # ---- the loss ---------------------------------------------------------------------------------
 
+    def _mirror_buffers(self) -> None:
+        """After a state dict was loaded (a resume): the Python mirrors of ``steps_done`` and ``symbol_copied``."""
+        self._done, self._copied = int(self.steps_done), bool(self.symbol_copied)
+
     def stage(self) -> dict:
-        done = int(self.steps_done)
-        return next((s for s in self.stages if s["start"] <= done < s["end"]), self.stages[-1])
+        return next((s for s in self.stages if s["start"] <= self._done < s["end"]), self.stages[-1])
 
     def label_rows(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(index, labelled)``: each galaxy's label index (0 where it has none) and whether it has one."""
@@ -266,11 +273,12 @@ class Align(Method):
 
     @torch.no_grad()
     def batch_accuracy(self, image: Tensor, text: Tensor, index: Tensor, labelled: Tensor) -> Tensor:
-        """Of this rank's labelled galaxies, how many have as nearest caption of the batch one of their label."""
-        if not labelled.any():
-            return torch.zeros((), device=image.device)
-        sim = F.normalize(image[labelled].float(), dim=1) @ F.normalize(text[labelled].float(), dim=1).T
-        return (index[labelled][sim.argmax(dim=1)] == index[labelled]).float().mean()
+        """Of this rank's labelled galaxies, how many have as nearest caption of the batch one of their label (masks,
+        not boolean indexing: no wait for the device in a training step)."""
+        sim = F.normalize(image.float(), dim=1) @ F.normalize(text.float(), dim=1).T  # (B, B)
+        sim = sim.masked_fill(~labelled[None, :], float("-inf"))  # only labelled captions are candidates
+        hits = (index[sim.argmax(dim=1)] == index) & labelled
+        return hits.sum().float() / labelled.sum().clamp(min=1).float()
 
     def parameters_to_optimize(self) -> Iterator[dict]:
         """Two groups, as open_clip: weight decay on the weight matrices and convolutions; none on the gains,
@@ -285,12 +293,14 @@ class Align(Method):
         without, the symbol tower (and projection) become copies of the image tower's (GalaxAlign's stage 2)."""
         self.logit_scale.clamp_(min=0.0, max=self.logit_scale_max)
         self.steps_done.fill_(step)
+        self._done = step
         stage = self.stage()
-        if stage["symbol_tower"] == "own" and not bool(self.symbol_copied):
+        if stage["symbol_tower"] == "own" and not self._copied:
             if any(s["symbol_tower"] == "image" for s in self.stages if s["start"] < stage["start"]):
                 self.symbol_tower.load_state_dict(self.image_tower.state_dict())
                 self.symbol_projection.load_state_dict(self.image_projection.state_dict())
             self.symbol_copied.fill_(True)  # a first stage of its own starts from the copy made at construction
+            self._copied = True
 
     # ---- validation and export ---------------------------------------------------------------------
 
@@ -397,8 +407,6 @@ def load_aligned(path, device: str | torch.device = "cpu") -> tuple[Align, objec
 def symbol_table(kinds: list[list[str]], size: int, variants: int, n_bands: int) -> Tensor:
     """``(K, V, C, S, S)`` float32: for each label ``variants`` symbols, cycling through its kinds (a class's
     alternatives, a vote path's answers) with each kind's own variants."""
-    import numpy as np
-
     out = np.zeros((len(kinds), variants, n_bands, size, size), dtype=np.float32)
     for k, names in enumerate(kinds):
         for v in range(variants):
