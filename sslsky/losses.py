@@ -8,6 +8,8 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F  # noqa: N812
 
+from sslsky import dist
+
 
 def _world() -> int:
     """Ranks in the default process group; 1 without torch.distributed or an initialised group."""
@@ -180,7 +182,7 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | floa
         own = torch.arange(batch, device=a.device)
         if world > 1:
             all_a, all_b = gather_with_grad(a_hat), gather_with_grad(b_hat)
-            all_mask = torch.cat(_all_gather(mask))
+            all_mask = dist.all_gather_tensor(mask)
             offset = torch_dist.get_rank() * batch
         else:
             all_a, all_b, all_mask, offset = a_hat, b_hat, mask, 0
@@ -188,7 +190,7 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | floa
             labels, all_labels = offset + own, torch.arange(world * batch, device=a.device)
         else:
             labels = labels.to(device=a.device, dtype=torch.int64)
-            all_labels = torch.cat(_all_gather(labels)) if world > 1 else labels
+            all_labels = dist.all_gather_tensor(labels) if world > 1 else labels
         scale = torch.as_tensor(logit_scale, dtype=dtype, device=a.device).exp()
         blocked = torch.finfo(dtype).min
         rows = (scale * a_hat @ all_b.T).masked_fill(~all_mask[None, :], blocked)  # (B, world B)
@@ -207,12 +209,6 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | floa
         else:
             value = share.detach()
         return share + (value - share).detach()
-
-
-def _all_gather(x: torch.Tensor) -> list[torch.Tensor]:
-    out = [torch.empty_like(x) for _ in range(torch_dist.get_world_size())]
-    torch_dist.all_gather(out, x.contiguous())
-    return out
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
