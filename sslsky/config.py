@@ -538,7 +538,10 @@ class FinetuneOptimConfig:
     #: the mock (README, "Label efficiency": 0.52 vs 0.68 morphology accuracy with 594 labels).
     encoder_lr_factor: float = checked(1.0, ">= 0")
     weight_decay: float = checked(1e-4, ">= 0")
-    epochs: int = checked(30, ">= 1")  # at most this many passes over the labelled train rows
+    epochs: int = checked(30, ">= 1")  # at most this many passes over the labelled train rows (see min_steps)
+    #: at least this many optimizer steps: a small label set gets more passes (59 labels in batches of 64 are one
+    #: step a pass, so 30 epochs would be 30 steps); the cosine decays over the raised count
+    min_steps: int = checked(100, ">= 0")
     # stop after this many epochs without a better val score (photo-z CRPS, else loss); 0: never
     patience: int = checked(5, ">= 0")
     #: finetune: the encoder's BatchNorm layers stay in eval mode (pretraining running statistics, unchanged;

@@ -261,3 +261,24 @@ def untrained_encoder(path: Path, cutout: int = 16, crop: int = 12) -> Path:
                 "arch": "resnet18", "stem": "hayat", "survey": "sdss", "bands": list("ugriz"), "stats": {},
                 "augment": config_to_dict(augment)}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def two_class_pack(tmp_path_factory):
+    """A mock SDSS survey of 320 galaxies with its classes merged into smooth (0) / featured (1), packed, and the
+    encoder.pt of a 30-step tiny MoCo pretraining on it: ``(packed folder, encoder.pt)``."""
+    from sslsky.cli import main
+
+    root = tmp_path_factory.mktemp("two_class")
+    assert main(["mock", "--survey", "sdss", "--n", "320", "--seed", "11", "--out", str(root / "mock"),
+                 "progress=false"]) == 0
+    table = Table.read(root / "mock" / "catalog.fits")
+    morph = np.asarray(table["morph_class"])
+    table["morph_class"] = np.where(morph < 0, -1, (morph > 2).astype(morph.dtype))  # 0-2 smooth, 3-6 featured
+    table["morph_name"] = np.where(table["morph_class"] == 0, "smooth", "featured")
+    table.write(root / "mock" / "two_class.fits")
+    assert main(["pack", "--catalog", str(root / "mock" / "two_class.fits"), "--out", str(root / "packed"),
+                 "--dtype", "float32", "progress=false"]) == 0
+    run_dir = root / "pretrain"
+    assert main(tiny_pretrain_args(root / "packed", run_dir, "optim.total_steps=30", "val_every=0")) == 0
+    return root / "packed", run_dir / "encoder.pt"

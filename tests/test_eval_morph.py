@@ -24,8 +24,8 @@ TASK_KEYS = ("n_train_labels", "protocol", "label_fraction", "seed", "accuracy",
 
 def morph_args(packed, out, *overrides: str) -> list[str]:
     return ["eval-morph", "--config", str(REPO / "config" / "eval_morph.yaml"), f"data.path={packed}", f"out={out}",
-            "data.batch_size=32", "data.num_workers=0", "optim.epochs=2", "optim.patience=0", "device=cpu",
-            "progress=false", *overrides]
+            "data.batch_size=32", "data.num_workers=0", "optim.epochs=2", "optim.min_steps=0", "optim.patience=0",
+            "device=cpu", "progress=false", *overrides]
 
 
 def read_predictions(path) -> dict:

@@ -32,7 +32,7 @@ TASK_KEYS = ("n_train_labels", "protocol", "label_fraction", "seed", "sigma_mad"
 def tiny(packed, out, *overrides: str) -> list[str]:
     """Overrides of config/eval_specz.yaml for a seconds-long CPU run."""
     return [f"data.path={packed}", f"out={out}", "data.batch_size=32", "data.num_workers=0", "optim.epochs=2",
-            "optim.patience=0", "n_bins=40", "device=cpu", "progress=false", *overrides]
+            "optim.min_steps=0", "optim.patience=0", "n_bins=40", "device=cpu", "progress=false", *overrides]
 
 
 def specz_config(packed, out, *overrides: str) -> EvalSpeczConfig:
@@ -142,6 +142,7 @@ def test_interrupted_run_resumes_to_the_same_result(packed_mock, encoder_path, t
             raise KeyboardInterrupt("killed after epoch 2")
 
     monkeypatch.setattr(supervised, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(supervised, "STATE_EVERY_S", 0.0)  # every epoch (the tiny epochs take under a second)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         photoz.run_specz(specz_config(packed_mock, out, *args))

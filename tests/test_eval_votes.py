@@ -150,8 +150,8 @@ def test_the_vote_head_starts_at_the_train_mean_fractions():
 
 def votes_args(packed, out, *overrides: str) -> list[str]:
     return ["eval-morph", "--config", str(REPO / "config" / "eval_morph.yaml"), f"data.path={packed}", f"out={out}",
-            "target=votes", "data.batch_size=32", "data.num_workers=0", "optim.epochs=2", "optim.patience=0",
-            "device=cpu", "progress=false", *overrides]
+            "target=votes", "data.batch_size=32", "data.num_workers=0", "optim.epochs=2", "optim.min_steps=0",
+            "optim.patience=0", "device=cpu", "progress=false", *overrides]
 
 
 def read_h5(path) -> dict:

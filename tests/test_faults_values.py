@@ -44,10 +44,10 @@ def command(name: str, out: Path, data: Path) -> list[str]:
     """Arguments of one command with valid settings, the output in ``out``; bad values are appended."""
     if name == "eval-morph":
         return ["eval-morph", "--config", str(REPO / "config" / "eval_morph.yaml"), f"data.path={data}", f"out={out}",
-                "protocol=scratch", "ckpt=", "device=cpu", "progress=false"]
+                "protocol=scratch", "ckpt=", "device=cpu", "progress=false", "optim.min_steps=0"]
     if name == "eval-specz":
         return ["eval-specz", "--config", str(REPO / "config" / "eval_specz.yaml"), f"data.path={data}", f"out={out}",
-                "protocol=scratch", "ckpt=", "device=cpu", "progress=false"]
+                "protocol=scratch", "ckpt=", "device=cpu", "progress=false", "optim.min_steps=0"]
     if name == "mock":
         return ["mock", "--n", "3", "--out", str(out), "progress=false"]
     if name == "pack":

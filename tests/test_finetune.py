@@ -10,8 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from astropy.table import Table
-from conftest import REPO, tiny_pretrain_args
+from conftest import REPO
 
 from sslsky.cli import main
 from sslsky.config import EvalMorphConfig, load_config
@@ -31,8 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def morph_args(packed, out, *overrides: str) -> list[str]:
     return ["eval-morph", "--config", str(REPO / "config" / "eval_morph.yaml"), f"data.path={packed}", f"out={out}",
-            "data.batch_size=32", "data.num_workers=0", "optim.epochs=2", "optim.patience=0", "device=cpu",
-            "progress=false", "plots=false", *overrides]
+            "data.batch_size=32", "data.num_workers=0", "optim.epochs=2", "optim.min_steps=0", "optim.patience=0",
+            "device=cpu", "progress=false", "plots=false", *overrides]
 
 
 def morph_config(packed, out, *overrides: str) -> EvalMorphConfig:
@@ -115,8 +114,8 @@ def test_lp_ft_starts_from_the_linear_probe(packed_mock, encoder_path, tmp_path)
     for mine, theirs in zip(probe, linear["history"][1:], strict=True):
         assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-5)
     assert ft["epochs_run"] == 4
-    best_val = min(r["val_loss"] for r in ft["history"])
-    assert best_val <= min(r["val_loss"] for r in linear["history"]) + 1e-6
+    best_val = min(r["val_error"] for r in ft["history"])
+    assert best_val <= min(r["val_error"] for r in linear["history"]) + 1e-6
 
 
 def test_lp_ft_resumes_after_an_interruption(packed_mock, encoder_path, tmp_path, monkeypatch):
@@ -132,6 +131,7 @@ def test_lp_ft_resumes_after_an_interruption(packed_mock, encoder_path, tmp_path
             raise KeyboardInterrupt("killed after the second fine-tuning epoch")
 
     monkeypatch.setattr(supervised, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(supervised, "STATE_EVERY_S", 0.0)  # every epoch (the tiny epochs take under a second)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         run_morph(morph_config(packed_mock, out, *args))
@@ -188,24 +188,6 @@ def test_one_class_on_val_counts_as_the_prior():
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def two_class_pack(tmp_path_factory):
-    """A mock SDSS survey of 320 galaxies with its classes merged into smooth (0) / featured (1), packed."""
-    root = tmp_path_factory.mktemp("two_class")
-    assert main(["mock", "--survey", "sdss", "--n", "320", "--seed", "11", "--out", str(root / "mock"),
-                 "progress=false"]) == 0
-    table = Table.read(root / "mock" / "catalog.fits")
-    morph = np.asarray(table["morph_class"])
-    table["morph_class"] = np.where(morph < 0, -1, (morph > 2).astype(morph.dtype))  # 0-2 smooth, 3-6 featured
-    table["morph_name"] = np.where(table["morph_class"] == 0, "smooth", "featured")
-    table.write(root / "mock" / "two_class.fits")
-    assert main(["pack", "--catalog", str(root / "mock" / "two_class.fits"), "--out", str(root / "packed"),
-                 "--dtype", "float32", "progress=false"]) == 0
-    run_dir = root / "pretrain"
-    assert main(tiny_pretrain_args(root / "packed", run_dir, "optim.total_steps=30", "val_every=0")) == 0
-    return root / "packed", run_dir / "encoder.pt"
-
-
 def test_finetune_does_not_lose_to_the_linear_probe_on_few_labels(two_class_pack, tmp_path):
     """263 labels, batches of 64 (4 steps an epoch). At this seed the old defaults (optim.precise_bn=false,
     optim.head_warmup_epochs=0) kept the prior (val loss 0.64 at epoch 0, worse after every epoch); the shipped
@@ -215,7 +197,7 @@ def test_finetune_does_not_lose_to_the_linear_probe_on_few_labels(two_class_pack
     linear = run_morph(morph_config(packed, tmp_path / "linear", *common, "protocol=linear", "optim.epochs=30"))
     ft = run_morph(morph_config(packed, tmp_path / "ft", *common, "protocol=finetune"))  # the shipped defaults
     assert ft["n_train_labels"] >= 200 and ft["prior_only"] is None
-    val = {name: min(r["val_loss"] for r in m["history"]) for name, m in (("linear", linear), ("ft", ft))}
+    val = {name: min(r["val_error"] for r in m["history"]) for name, m in (("linear", linear), ("ft", ft))}
     assert val["ft"] <= val["linear"] + 1e-6  # the kept model is at least the probe on val
     noise = 2 * math.sqrt(0.25 / ft["n_test"])  # two binomial standard errors of a test accuracy
     assert ft["accuracy"] >= linear["accuracy"] - noise, (ft["accuracy"], linear["accuracy"], noise)

@@ -18,8 +18,8 @@ from sslsky.eval.sweep import RESULTS_NAME, cells, pending, summarize
 
 #: Every task of these sweeps trains for one epoch of a tiny head on CPU (plumbing: a cell that keeps only the
 #: prior is written, marked prior_only, rather than failed).
-TINY = ["overrides=[optim.epochs=1, data.batch_size=16, data.num_workers=0, plots=false, progress=false, "
-        "device=cpu, optim.allow_prior=true]"]
+TINY = ["overrides=[optim.epochs=1, optim.min_steps=0, data.batch_size=16, data.num_workers=0, plots=false, "
+        "progress=false, device=cpu, optim.allow_prior=true]"]
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,8 @@ def test_votes_task_and_stale_cells_run_again_after_a_new_encoder_or_new_overrid
     for a, b in zip(first, second):
         assert b["ckpt_sha256"] != a["ckpt_sha256"] and b["config"] == a["config"]
     # Other overrides (two epochs): stale again; the rerun records the new config.
-    more = ("overrides=[optim.epochs=2, data.batch_size=16, data.num_workers=0, plots=false, progress=false, "
-            "device=cpu, optim.allow_prior=true]")
+    more = ("overrides=[optim.epochs=2, optim.min_steps=0, data.batch_size=16, data.num_workers=0, plots=false, "
+            "progress=false, device=cpu, optim.allow_prior=true]")
     assert len(pending(sweep_config(more), out)[0]) == 2
     assert main([*args, more]) == 0
     for path, b in zip(paths, second):

@@ -102,7 +102,7 @@ from sslsky.eval.results import (
     write_json,
 )
 from sslsky.eval.supervised import train_supervised
-from sslsky.eval.task import PROTOCOLS, Task, check_config, label_values, open_splits
+from sslsky.eval.task import PROTOCOLS, Task, check_config, error_score, label_values, open_splits
 from sslsky.locks import OutputLock, run_evaluation_locked
 from sslsky.losses import dirichlet_multinomial_nll
 from sslsky.methods.votes import CONCENTRATION_MIN, CONCENTRATION_RANGE
@@ -575,7 +575,7 @@ def _run_morph(cfg: EvalMorphConfig, lock: OutputLock) -> dict:
         r = _knn(cfg, n_classes)
     else:
         task = Task("morphology", "morph_class", n_classes, lambda c: np.asarray(c, dtype=np.int64),
-                    one_class_is_prior=True)
+                    val_score=error_score, val_score_name="val_error", one_class_is_prior=True)
         run = train_supervised(cfg, task)
         prior_only = refuse_prior_only(run, "eval-morph")  # raises PriorOnlyError unless optim.allow_prior
         pred_cols = run.predict_test()

@@ -23,7 +23,8 @@ Protocols (``cfg.protocol``):
   "Fine-tuning on few labels").
 
 Data: the task's :class:`~sslsky.eval.task.Splits`. Val only picks the epoch: early stopping on the task's val
-score (``Task.val_score``: mean CRPS for photo-z, otherwise the val loss) with ``optim.patience``; the best
+score (``Task.val_score``: mean CRPS for photo-z, the error rate for morphology classes -- ties broken by the
+loss, :func:`sslsky.eval.task.error_score` --, otherwise the val loss) with ``optim.patience``; the best
 epoch's weights are kept. Epoch 0 is the untrained head, which starts at the train class frequencies
 (:func:`sslsky.models.heads.init_prior`; a task with its own loss: ``Task.init_head``, e.g. the train-mean vote
 fractions), so with few labels a model that only overfits comes back as the prior rather than something worse
@@ -39,12 +40,19 @@ Head: :func:`sslsky.models.heads.build_head` (linear or MLP) behind a fixed stan
 through the initial encoder with BatchNorm as training uses it, batch statistics unless frozen); loss:
 cross-entropy over the task's classes (redshift bins for photo-z), or the task's own per-galaxy ``Task.loss``
 averaged over the batch (vote counts: Dirichlet-multinomial NLL; see :mod:`sslsky.eval.morphology`).
-Optimiser: AdamW (``optim.weight_decay``), cosine decay over ``optim.epochs``. Seeded (init, label subset,
+Optimiser: AdamW (``optim.weight_decay``), cosine decay over ``optim.epochs`` passes, raised to at least
+``optim.min_steps`` optimizer steps for small label sets (:func:`training_epochs`). Seeded (init, label subset,
 data order, augmentation); bf16 autocast on GPU (``cfg.amp``).
 
-Resume: after every epoch the training state goes atomically to ``OUT/train_state.pt``; a task started again
-with the same config and checkpoint (SHA-256) continues from there (a SLURM requeue loses at most one epoch;
-the LP-FT probe, seconds on precomputed features, is not checkpointed: a task stopped during it runs it again).
+Schedule: ``optim.epochs`` passes, raised to at least ``optim.min_steps`` optimizer steps; validation (and the
+precise-BN pass before it) every epoch, or every k-th when there are more than ``MAX_VALIDATIONS`` epochs (and
+always after the last); ``optim.patience`` counts epochs. Validating less often never changes the training
+itself (neither draws random numbers), only which epochs can be kept.
+
+Resume: after the first epoch and then at most every ``STATE_EVERY_S`` seconds the training state goes
+atomically to ``OUT/train_state.pt``; a task started again with the same config and checkpoint (SHA-256)
+continues from there (a SLURM requeue loses at most that much plus an epoch; the LP-FT probe, seconds on
+precomputed features, is not checkpointed: a task stopped during it runs it again).
 Schedules are functions of the epoch (the fine-tuning cosine of epoch - P). The file is removed when the task
 finishes (:func:`sslsky.eval.results.clear_train_state`).
 """
@@ -85,6 +93,11 @@ from sslsky.train.checkpoint import load_checkpoint, save_checkpoint
 STATS_ROWS = 2048
 #: The head starts at the train class frequencies mixed with this much of a uniform distribution.
 PRIOR_FLOOR = 0.01
+#: At most this many validations a run (each also re-estimates BatchNorm): :func:`validation_interval`.
+MAX_VALIDATIONS = 50
+#: ``OUT/train_state.pt`` (~180 MB for a ResNet-18 with AdamW and the best weights) is written at most this
+#: often, seconds: a restart loses at most this much work plus an epoch.
+STATE_EVERY_S = 30.0
 
 
 @dataclass
@@ -143,14 +156,16 @@ def _validate(model: Predictor, batches, task: Task, values: np.ndarray, amp: to
               device: torch.device) -> dict[str, float]:
     """Val loss (mean per galaxy) and the task's early-stopping score; ``values`` the val labels in batch order."""
     model.eval()
-    total, probs, predicted = 0.0, [], set()
+    total, probs, predicted, correct = 0.0, [], set(), 0
     with torch.no_grad():
         for x, ebv, y in batches:
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(x, ebv).float()
             if task.classification:
                 total += F.cross_entropy(logits, y, reduction="sum").item()
-                predicted.update(logits.argmax(dim=1).unique().tolist())
+                guess = logits.argmax(dim=1)
+                predicted.update(guess.unique().tolist())
+                correct += int((guess == y).sum())
             else:
                 total += task.loss(logits, y).sum().item()
             if task.val_score is not None:
@@ -159,6 +174,7 @@ def _validate(model: Predictor, batches, task: Task, values: np.ndarray, amp: to
     if task.val_score is not None:
         out[task.val_score_name] = float(task.val_score(np.concatenate(probs), values))
     if task.classification:
+        out["val_accuracy"] = correct / len(values)
         out["val_classes_predicted"] = len(predicted)  # 1: every val galaxy gets the same class
     return out
 
@@ -291,6 +307,22 @@ def _probe_head(cfg: SupervisedEvalConfig, task: Task, head: nn.Module, feats: d
     return records, best, epoch
 
 
+def validation_interval(n_epochs: int) -> int:
+    """Epochs between validations: every epoch, or every k-th so that a run validates at most ``MAX_VALIDATIONS``
+    times (a small label set trains for hundreds of one-step epochs; the last epoch is always validated)."""
+    return max(1, math.ceil(n_epochs / MAX_VALIDATIONS))
+
+
+def steps_per_pass(n_train: int, batch_size: int) -> int:
+    """Optimizer steps of one pass over ``n_train`` rows: full batches of ``min(batch, n)`` (the last one dropped)."""
+    return max(1, n_train // max(1, min(batch_size, n_train)))
+
+
+def training_epochs(epochs: int, min_steps: int, n_train: int, batch_size: int) -> int:
+    """``optim.epochs``, raised so that training takes at least ``optim.min_steps`` optimizer steps."""
+    return max(epochs, math.ceil(min_steps / steps_per_pass(n_train, batch_size)))
+
+
 def _loss(task: Task, logits: Tensor, y: Tensor) -> Tensor:
     """Mean training loss of a batch: cross-entropy, or the task's own per-galaxy loss."""
     return F.cross_entropy(logits, y) if task.classification else task.loss(logits, y).mean()
@@ -372,8 +404,9 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
     model = Predictor(encoder, head, cfg.use_ebv).to(device)
     groups = optimizer_groups(cfg, head, None if linear else encoder)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    steps_per_epoch = max(1, n_train // min(bs, n_train))
-    total_steps = cfg.optim.epochs * steps_per_epoch
+    steps_per_epoch = steps_per_pass(n_train, bs)
+    n_epochs = training_epochs(cfg.optim.epochs, cfg.optim.min_steps, n_train, bs)
+    total_steps = n_epochs * steps_per_epoch
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(cfg.seed * 1_000_003 + 17)
 
@@ -431,9 +464,11 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
     if cfg.progress:
         from sslsky.progress import progress
 
-        bar = progress(cfg.optim.epochs, f"{task.name} {cfg.protocol}", initial=epoch - probe_epochs)
+        bar = progress(n_epochs, f"{task.name} {cfg.protocol}", initial=epoch - probe_epochs)
     stopped_early = not fresh and cfg.optim.patience > 0 and bad_epochs >= cfg.optim.patience
-    while epoch - probe_epochs < cfg.optim.epochs and not stopped_early:
+    val_every = validation_interval(n_epochs)
+    saved_at = -math.inf  # the first epoch is saved: a restart never begins from nothing after a minute's work
+    while epoch - probe_epochs < n_epochs and not stopped_early:
         t0 = time.perf_counter()
         model.train()
         if freeze_bn:
@@ -459,9 +494,11 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
             losses.append(loss.item())
         epoch += 1
         record = {"epoch": epoch, "stage": "train", "train_loss": float(np.mean(losses)), "lr": lr}
-        if precise_bn:  # the statistics of this epoch's weights, not a lagging average over the last batches
+        last = epoch - probe_epochs >= n_epochs
+        check = val_stream is not None and ((epoch - probe_epochs) % val_every == 0 or last)
+        if precise_bn and (check or last):  # this epoch's weights' statistics, not a lagging average
             recalibrate_batchnorm(encoder, backbone.transform, bn_rows, cfg, device, amp)
-        if val_stream is not None:
+        if check:
             vb = val_stream.batches(bs) if linear else val_stream.batches()
             record.update(_validate(model, vb, task, val_values, amp, device))
             if record[monitor] < best["score"]:
@@ -469,24 +506,26 @@ def train_supervised(cfg: SupervisedEvalConfig, task: Task) -> SupervisedRun:
                         "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
                 bad_epochs = 0
             else:
-                bad_epochs += 1
+                bad_epochs += val_every  # the epochs since the last validation
         train_time += time.perf_counter() - t0
         record["time_s"] = time.perf_counter() - t0
         history.append(record)
         stopped_early = val_stream is not None and cfg.optim.patience > 0 and bad_epochs >= cfg.optim.patience
-        save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "bad_epochs": bad_epochs, "history": history, "best_score": best["score"],
-            "best_epoch": best["epoch"], "best_state": best["state"], "train_time_s": train_time,
-            "rng_torch": torch.get_rng_state(), "rng_augment": aug_gen.get_state().cpu(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "config": config_to_dict(cfg), "ckpt_sha256": ckpt_sha, "probe_epochs": probe_epochs,
-        }, state_path, keep=0)
+        if time.perf_counter() - saved_at >= STATE_EVERY_S:
+            save_checkpoint({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "bad_epochs": bad_epochs, "history": history, "best_score": best["score"],
+                "best_epoch": best["epoch"], "best_state": best["state"], "train_time_s": train_time,
+                "rng_torch": torch.get_rng_state(), "rng_augment": aug_gen.get_state().cpu(),
+                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "config": config_to_dict(cfg), "ckpt_sha256": ckpt_sha, "probe_epochs": probe_epochs,
+            }, state_path, keep=0)
+            saved_at = time.perf_counter()
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k.startswith(("train", "val"))})
         else:
-            print(f"eval: epoch {epoch - probe_epochs}/{cfg.optim.epochs} " +
+            print(f"eval: epoch {epoch - probe_epochs}/{n_epochs} " +
                   " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("train", "val"))), flush=True)
     if bar is not None:
         bar.close()
