@@ -1,32 +1,35 @@
 """Science benchmark: do MoCo v2 representations save labels on a mock SDSS survey? (Hayat et al. 2021, Fig. 6)
 
-    python benchmarks/label_efficiency.py                    # default scale: <= 60 min on 2 idle CPU cores
+    python benchmarks/label_efficiency.py --threads 1        # default scale: about 2 h on 2 idle CPU cores
     python benchmarks/label_efficiency.py --quick            # a few minutes: checks the plumbing, not the science
-    python benchmarks/label_efficiency.py --n-galaxies 20000 --pretrain-steps 20000 --seeds 0,1,2   # bigger machines
+    python benchmarks/label_efficiency.py --n-galaxies 20000 --pretrain-steps 20000 --seeds 0,1,2,3,4   # bigger
 
-Stages, each in ``--workdir`` so that a rerun resumes:
+Stages, each in ``--workdir`` so that a rerun resumes (by stage, and by cell within the tuning and the sweeps):
 
 1. ``sslsky mock`` (``mpirun -n 2`` when mpirun is here): an SDSS-like survey with known z and morph_class;
 2. ``sslsky pack`` into HDF5 shards;
 3. ``sslsky pretrain`` (MoCo v2, ``config/pretrain_demo.yaml``: ResNet-18, ImageNet stem, 32x32 crops) on the
    train split for ``--pretrain-steps`` steps; the held-out contrastive top-1 curve is printed;
-4. ``sslsky sweep`` (executor local, in this process) for photo-z and morphology: protocols linear, finetune,
-   scratch (and kNN for morphology) x label fractions x seeds, all with the stock eval configs
-   (``config/eval_specz.yaml``, ``config/eval_morph.yaml``) and only these run-time changes: ``optim.epochs``,
-   ``device``, ``data.num_workers``, ``plots=false``, ``progress=false``;
-5. the table: sigma_MAD, eta and morphology accuracy per protocol per number of labels (mean over seeds, +-
-   half the seed range), and the label saving factor: the number of labels scratch needs to reach finetune's
-   metric at each finetune label count, from scratch's mean metric interpolated linearly in log(n_labels)
-   (first crossing; '> max' when scratch never gets there), divided by finetune's label count.
+4. tuning: the learning rate of every supervised protocol (linear, finetune, scratch) is picked on the val split
+   from the same trials (``--lrs`` at ``--tune-fraction``, seed ``--tune-seed``; best val score: photo-z CRPS,
+   morphology loss), so the supervised baseline gets the same search as fine-tuning (``WORKDIR/tune``);
+5. ``sslsky sweep`` (executor local) for photo-z and morphology, side by side (``--jobs 2``): protocols linear,
+   finetune, scratch (and kNN for morphology) x label fractions x ``--seeds``, with the stock eval configs
+   (``config/eval_specz.yaml``, ``config/eval_morph.yaml``) and only these run-time changes: the tuned
+   ``optim.lr``, ``optim.epochs``, ``device``, ``data.num_workers``, ``plots=false``, ``progress=false``;
+6. the table (:mod:`sslsky.eval.intervals`): sigma_MAD, eta and morphology accuracy per protocol per number of
+   labels -- the mean over seeds on the test split, with the central 95 % interval of a bootstrap over seeds and
+   test galaxies -- and the label saving factor with its interval: the labels scratch needs to reach
+   finetune's value (scratch interpolated linearly in log n), over finetune's labels.
 
-Epochs: every protocol and task at one label count gets the same schedule: ``--epochs`` passes, raised so
-that the run takes at least ``--min-steps`` optimizer steps (a 1% subset of 2000 labels is one batch per
-epoch; fine-tuning on small subsets for longer is the usual practice, e.g. Chen et al. 2020). Early stopping
-(``optim.patience`` of the eval config) applies as configured.
+Epochs: every protocol and task at one label count gets the same schedule: ``--epochs`` passes, raised so that
+the run takes at least ``--min-steps`` optimizer steps (the rule of the eval configs' ``optim.min_steps``).
+Early stopping (``optim.patience``) applies as configured.
 
 Skipped stages (outputs present, same knobs) are reported as such; a stage whose outputs were made with
 other knobs is an error naming the folder (use another ``--workdir``). Sweep cells are idempotent already
-(same config and encoder bytes: not run again). The table also goes to ``WORKDIR/label_efficiency.md``.
+(same config and encoder bytes: not run again), and a finished cell made with another encoder, lr or epoch
+count is an error. The table also goes to ``WORKDIR/label_efficiency.md``.
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ import torch  # noqa: E402
 from sslsky.config import SweepConfig  # noqa: E402
 from sslsky.data.shards import ShardDataset  # noqa: E402
 from sslsky.data.verify import file_sha256  # noqa: E402
-from sslsky.eval.sweep import collect, run_sweep, summarize  # noqa: E402
+from sslsky.eval.intervals import DRAWS, LEVEL  # noqa: E402
+from sslsky.eval.supervised import training_epochs  # noqa: E402
+from sslsky.eval.sweep import collect, run_sweep  # noqa: E402
 from sslsky.train.pretrain import ENCODER_EXPORT, METRICS_FILE  # noqa: E402
 
 MOCK_SEED = 2021
@@ -61,13 +66,18 @@ EVAL_CONFIGS = {"specz": REPO / "config" / "eval_specz.yaml", "morph": REPO / "c
 LABEL_COLUMN = {"specz": "z", "morph": "morph_class"}
 PROTOCOLS = {"specz": ["linear", "finetune", "scratch"], "morph": ["linear", "finetune", "scratch", "knn"]}
 TABLE_PROTOCOLS = ("linear", "finetune", "scratch", "knn")
+#: The protocols whose learning rate is tuned on val, each with the same trials (kNN has none).
+TUNED = ("linear", "finetune", "scratch")
+#: The bootstrap's random seed: the same draws for a rerun.
+BOOTSTRAP_SEED = 14
 #: (task, metrics.json key, label in the table, lower is better)
 METRICS = (("specz", "sigma_mad", "σ_MAD", True), ("specz", "eta", "η", True), ("morph", "accuracy", "accuracy", False))
 
-DEFAULTS = {"n_galaxies": 2500, "pretrain_steps": 4000, "fractions": "0.01,0.03,0.1,0.3,1", "seeds": "0,1",
-            "epochs": 20, "min_steps": 100, "workdir": "runs/label_efficiency"}
-QUICK = {"n_galaxies": 300, "pretrain_steps": 60, "fractions": "0.1,1", "seeds": "0,1", "epochs": 2, "min_steps": 2,
-         "workdir": "runs/label_efficiency_quick"}
+DEFAULTS = {"n_galaxies": 2500, "pretrain_steps": 4000, "fractions": "0.03,0.1,0.3,1", "seeds": "0,1,2",
+            "epochs": 20, "min_steps": 100, "lrs": "0.001,0.003", "tune_fraction": 0.1,
+            "workdir": "runs/label_efficiency"}
+QUICK = {"n_galaxies": 300, "pretrain_steps": 60, "fractions": "0.1,1", "seeds": "0,1,2", "epochs": 2, "min_steps": 2,
+         "lrs": "0.001,0.003", "tune_fraction": 0.3, "workdir": "runs/label_efficiency_quick"}
 
 
 # ---------------------------------------------------------------------------
@@ -283,9 +293,8 @@ def stage_pretrain(args, work: Path) -> str:
 
 
 def epochs_for(args, n_labels: int, batch_size: int) -> int:
-    """``--epochs``, raised to reach ``--min-steps`` optimizer steps (the loop takes n // min(batch, n) a pass)."""
-    steps_per_epoch = max(1, n_labels // max(1, min(batch_size, n_labels)))
-    return max(args.epochs, math.ceil(args.min_steps / steps_per_epoch))
+    """``--epochs``, raised to reach ``--min-steps`` optimizer steps (the rule of ``optim.min_steps``)."""
+    return training_epochs(args.epochs, args.min_steps, n_labels, batch_size)
 
 
 def eval_batch_size(task: str) -> int:
@@ -298,44 +307,132 @@ def n_train_labels(work: Path, task: str, fraction: float) -> int:
     return len(ShardDataset(work / "packed", split="train", label=LABEL_COLUMN[task], label_fraction=fraction))
 
 
-def check_cells(work: Path, task: str, fraction: float, seeds: list[int], epochs: int, ckpt_sha: str) -> None:
-    """Finished cells of this grid point must come from this encoder and schedule.
+def cell_overrides(args, epochs: int, lr: float | None) -> list[str]:
+    """The run-time changes of a sweep cell: its epoch budget and learning rate; the rest of the stock config. A
+    cell that keeps only the prior is written (marked ``prior_only``, counted in the report) rather than failed:
+    it is a result of the protocol at that label count, and one such cell must not stop a two-hour run."""
+    return [f"optim.epochs={epochs}", f"optim.min_steps={args.min_steps}",
+            *([f"optim.lr={lr:g}"] if lr is not None else []), f"device={args.device}",
+            f"data.num_workers={args.workers}", "plots=false", "progress=false", "optim.allow_prior=true"]
 
-    ``run_sweep`` skips any cell whose metrics.json exists, so a rerun with another ``--epochs`` or after a new
-    pretraining would otherwise mix old cells into the table.
+
+def sweep_config(args, work: Path, out: Path, task: str, protocols: list[str], fraction: float, seeds: list[int],
+                 overrides: list[str]) -> SweepConfig:
+    return SweepConfig(ckpt=str(work / "pretrain" / ENCODER_EXPORT), data_path=str(work / "packed"), out=str(out),
+                       tasks=[task], protocols=protocols, label_fractions=[fraction], seeds=seeds,
+                       specz_config=str(EVAL_CONFIGS["specz"]), morph_config=str(EVAL_CONFIGS["morph"]),
+                       overrides=overrides, executor="local")
+
+
+def check_cells(out: Path, task: str, protocol: str, fraction: float, seeds: list[int], expected: dict,
+                ckpt_sha: str) -> None:
+    """Finished cells must come from this encoder and these ``optim`` settings (``expected``: epochs, lr).
+
+    ``run_sweep`` skips any cell whose metrics.json exists, so a rerun with other knobs or after a new pretraining
+    would otherwise mix old cells into the table.
     """
-    for protocol in PROTOCOLS[task]:
-        for seed in seeds:
-            path = work / "sweep" / task / protocol / f"frac{fraction:g}" / f"seed{seed}" / "metrics.json"
-            if not path.is_file():
-                continue
-            metrics = json.loads(path.read_text())
-            old_epochs = (metrics.get("config") or {}).get("optim", {}).get("epochs")
-            if metrics.get("ckpt_sha256") != ckpt_sha or (protocol != "knn" and old_epochs != epochs):
-                raise SystemExit(f"label_efficiency: {path} was made with another encoder or schedule (epochs "
-                                 f"{old_epochs}, now {epochs}); use another --workdir or delete {work / 'sweep'}")
+    for seed in seeds:
+        path = out / task / protocol / f"frac{fraction:g}" / f"seed{seed}" / "metrics.json"
+        if not path.is_file():
+            continue
+        metrics = json.loads(path.read_text())
+        optim = (metrics.get("config") or {}).get("optim", {})
+        old = {key: optim.get(key) for key in expected}
+        if metrics.get("ckpt_sha256") != ckpt_sha or (protocol != "knn" and old != expected):
+            raise SystemExit(f"label_efficiency: {path} was made with another encoder or schedule ({old}, now "
+                             f"{expected}); use another --workdir or delete {out}")
+
+
+def val_score(metrics: dict) -> float:
+    """The best val score of a supervised cell: what its early stopping watched (photo-z CRPS, else the loss)."""
+    monitor = "val_crps" if metrics["task"] == "specz" else "val_loss"
+    return min(r[monitor] for r in metrics["history"] if monitor in r and r["epoch"] > 0)
+
+
+def stage_tune(args, work: Path, task: str) -> str:
+    """The learning rate of each supervised protocol, picked on val: every protocol gets the same trials (each lr
+    of ``--lrs`` at ``--tune-fraction``, seed ``--tune-seed``), scored by its best val score. The picks go to
+    ``WORKDIR/tune/<task>.json``; the sweep uses them at every label count."""
+    ckpt_sha = file_sha256(work / "pretrain" / ENCODER_EXPORT)
+    n = n_train_labels(work, task, args.tune_fraction)
+    epochs = epochs_for(args, n, eval_batch_size(task))
+    failed = 0
+    for lr in args.lrs:
+        out = work / "tune" / f"lr{lr:g}"
+        for protocol in TUNED:
+            check_cells(out, task, protocol, args.tune_fraction, [args.tune_seed],
+                        {"epochs": epochs, "min_steps": args.min_steps, "lr": lr}, ckpt_sha)
+        print(f"label_efficiency: tuning {task} at {n} labels, lr {lr:g}", flush=True)
+        failed += run_sweep(sweep_config(args, work, out, task, list(TUNED), args.tune_fraction, [args.tune_seed],
+                                         cell_overrides(args, epochs, lr)))
+    if failed:
+        raise SystemExit(f"label_efficiency: {failed} {task} tuning call(s) had failed cells (see above); rerun")
+    scores: dict = {}
+    for protocol in TUNED:
+        for lr in args.lrs:
+            path = (work / "tune" / f"lr{lr:g}" / task / protocol / f"frac{args.tune_fraction:g}" /
+                    f"seed{args.tune_seed}" / "metrics.json")
+            scores.setdefault(protocol, {})[f"{lr:g}"] = val_score(json.loads(path.read_text()))
+    picks = {protocol: float(min(by_lr, key=by_lr.get)) for protocol, by_lr in scores.items()}
+    (work / "tune" / f"{task}.json").write_text(json.dumps({"labels": n, "fraction": args.tune_fraction,
+                                                          "seed": args.tune_seed, "val_scores": scores,
+                                                          "picked_lr": picks}, indent=1) + "\n")
+    return "; ".join(f"{p} lr {lr:g}" for p, lr in picks.items())
+
+
+def _task_stage(stage, args, work: Path, task: str) -> str:
+    """One task's stage in a worker process (its own torch threads)."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    return stage(args, work, task)
+
+
+def both_tasks(stage, args, work: Path) -> str:
+    """``stage`` for photo-z and morphology, side by side in ``--jobs`` processes (they write separate folders);
+    a failure in either is raised after both have ended, so the other's finished cells are kept."""
+    import concurrent.futures
+    import multiprocessing
+
+    tasks = ("specz", "morph")
+    if args.jobs < 2:
+        return "; ".join(f"{task}: {stage(args, work, task)}" for task in tasks)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
+        futures = {task: pool.submit(_task_stage, stage, args, work, task) for task in tasks}
+        concurrent.futures.wait(futures.values())
+    notes = []
+    for task, future in futures.items():
+        error = future.exception()
+        if error is not None:
+            raise error if isinstance(error, SystemExit) else SystemExit(f"label_efficiency: {task}: {error}")
+        notes.append(f"{task}: {future.result()}")
+    return "; ".join(notes)
+
+
+def picked_lrs(work: Path, task: str) -> dict[str, float]:
+    return json.loads((work / "tune" / f"{task}.json").read_text())["picked_lr"]
 
 
 def stage_sweep(args, work: Path, task: str) -> str:
-    """One ``run_sweep`` per label fraction (the epoch count depends on it); all write WORKDIR/sweep."""
-    ckpt = work / "pretrain" / ENCODER_EXPORT
-    ckpt_sha = file_sha256(ckpt)
+    """One ``run_sweep`` per label fraction and protocol (the epochs depend on the fraction, the lr on the
+    protocol: the tuned one); all write WORKDIR/sweep."""
+    ckpt_sha = file_sha256(work / "pretrain" / ENCODER_EXPORT)
     batch = eval_batch_size(task)
+    lrs = picked_lrs(work, task)
     failed = 0
     schedule = []
     for fraction in args.fractions:
         n = n_train_labels(work, task, fraction)
         epochs = epochs_for(args, n, batch)
         schedule.append(f"{n} labels: {epochs} epochs")
-        check_cells(work, task, fraction, args.seeds, epochs, ckpt_sha)
-        cfg = SweepConfig(ckpt=str(ckpt), data_path=str(work / "packed"), out=str(work / "sweep"), tasks=[task],
-                          protocols=PROTOCOLS[task], label_fractions=[fraction], seeds=args.seeds,
-                          specz_config=str(EVAL_CONFIGS["specz"]), morph_config=str(EVAL_CONFIGS["morph"]),
-                          overrides=[f"optim.epochs={epochs}", f"device={args.device}",
-                                     f"data.num_workers={args.workers}", "plots=false", "progress=false"],
-                          executor="local")
         print(f"label_efficiency: {task}, fraction {fraction:g} ({n} labels), {epochs} epochs at most", flush=True)
-        failed += run_sweep(cfg)
+        for protocol in PROTOCOLS[task]:
+            lr = lrs.get(protocol)
+            check_cells(work / "sweep", task, protocol, fraction, args.seeds,
+                        {"epochs": epochs, "min_steps": args.min_steps, "lr": lr} if lr is not None else {},
+                        ckpt_sha)
+            failed += run_sweep(sweep_config(args, work, work / "sweep", task, [protocol], fraction, args.seeds,
+                                             cell_overrides(args, epochs, lr)))
     if failed:
         raise SystemExit(f"label_efficiency: {failed} {task} sweep call(s) had failed cells (see above); rerun to "
                          f"retry them, the finished ones are kept")
@@ -343,93 +440,128 @@ def stage_sweep(args, work: Path, task: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# The table and the label saving factor.
+# The table and the label saving factor, with bootstrap intervals.
 # ---------------------------------------------------------------------------
 
 
-def matching_labels(series: list[tuple[int, float, float, float]], target: float, lower_better: bool) -> tuple:
-    """Labels scratch needs to reach ``target``: ("=", n) interpolated in log n, ("<=", n_min) or (">", n_max)."""
-    def good(value: float) -> bool:
-        return value <= target if lower_better else value >= target
-
-    for i, (n, mean, _, _) in enumerate(series):
-        if good(mean):
-            if i == 0:
-                return "<=", float(n)
-            n0, m0 = series[i - 1][0], series[i - 1][1]
-            t = (target - m0) / (mean - m0)
-            return "=", math.exp(math.log(n0) + t * (math.log(n) - math.log(n0)))
-    return ">", float(series[-1][0])
-
-
 def fmt_value(mean: float, low: float, high: float, digits: int) -> str:
+    """mean ± half the range (the other benchmarks' seed spread)."""
     return f"{mean:.{digits}f} ±{(high - low) / 2:.{digits}f}"
 
 
-def build_report(rows: list[dict], fractions: list[float], seeds: list[int]) -> tuple[list[str], list[str], dict]:
-    """(result table lines, saving-factor table lines, summary facts) in markdown."""
-    rows = [r for r in rows if float(r["label_fraction"]) in fractions and int(r["seed"]) in seeds]
-    by_task = {task: [r for r in rows if r["task"] == task] for task in ("specz", "morph")}
-    series = {(task, metric): summarize(by_task[task], metric) for task, metric, _, _ in METRICS}
+def fmt_interval(value: float, low: float, high: float, digits: int) -> str:
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def cell_predictions(work: Path, task: str, protocol: str, fraction: float, seeds: list[int]) -> tuple | None:
+    """(object ids, truth, (S, T) predictions, mean n_labels) of one cell from its seeds' predictions.h5; None
+    when a seed is missing. Photo-z: the PDF mean against z_spec; morphology: the predicted class."""
+    import h5py
+    import numpy as np
+
+    ids, truth, preds, counts = None, None, [], []
+    for seed in seeds:
+        folder = work / "sweep" / task / protocol / f"frac{fraction:g}" / f"seed{seed}"
+        if not (folder / "predictions.h5").is_file() or not (folder / "metrics.json").is_file():
+            return None
+        with h5py.File(folder / "predictions.h5", "r") as handle:
+            oid = handle["object_id"][:]
+            if task == "specz":
+                t, p = handle["z_spec"][:], handle["z_mean"][:]
+            else:
+                t, p = handle["true_class"][:], handle["pred_class"][:]
+        order = np.argsort(oid, kind="stable")  # one test order for every cell of the task
+        oid, t, p = oid[order], t[order], p[order]
+        if ids is None:
+            ids, truth = oid, t
+        elif not (np.array_equal(oid, ids) and np.array_equal(t, truth)):
+            raise SystemExit(f"label_efficiency: {folder} scored other test galaxies than seed {seeds[0]}")
+        preds.append(p)
+        counts.append(int(json.loads((folder / "metrics.json").read_text())["n_train_labels"]))
+    return ids, truth, np.stack(preds), round(sum(counts) / len(counts))
+
+
+@dataclasses.dataclass
+class TaskTable:
+    """The cells of one task: {(protocol, fraction): Cell}, the shared test truth and the galaxy draws."""
+
+    task: str
+    cells: dict
+    truth: object
+    galaxies: object
+
+
+def task_tables(work: Path, fractions: list[float], seeds: list[int], draws: int) -> dict[str, TaskTable]:
+    import numpy as np
+
+    from sslsky.eval.intervals import Cell, galaxy_draws
+
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    out = {}
+    for task in ("specz", "morph"):
+        cells, ids, truth = {}, None, None
+        for protocol in PROTOCOLS[task]:
+            for fraction in fractions:
+                got = cell_predictions(work, task, protocol, fraction, seeds)
+                if got is None:
+                    continue
+                if ids is not None and not np.array_equal(got[0], ids):
+                    raise SystemExit(f"label_efficiency: the {task} cells scored different test galaxies")
+                ids, truth = got[0], got[1]
+                cells[(protocol, fraction)] = Cell(got[3], got[2])
+        if cells:
+            out[task] = TaskTable(task, cells, truth, galaxy_draws(len(truth), draws, rng))
+    return out
+
+
+def build_report(tables: dict[str, TaskTable], fractions: list[float], draws: int) -> tuple[list[str], list[str]]:
+    """(result table lines, saving-factor table lines) in markdown, every value with its bootstrap interval."""
+    import numpy as np
+
+    from sslsky.eval.intervals import cell_draws, cell_value, percentile_interval, saving_factors, seed_draws
+
+    rng = np.random.default_rng(BOOTSTRAP_SEED + 1)
     digits = {"sigma_mad": 4, "eta": 3, "accuracy": 3}
 
-    def cell(task: str, metric: str, protocol: str, fraction: float) -> tuple[int, str] | None:
-        points = series[(task, metric)].get(protocol) or []
-        present = sorted({float(r["label_fraction"]) for r in by_task[task]
-                          if r["protocol"] == protocol and r.get(metric) is not None})
-        if fraction not in present:
+    def value(task: str, metric: str, protocol: str, fraction: float) -> str | None:
+        table = tables.get(task)
+        cell = table.cells.get((protocol, fraction)) if table else None
+        if cell is None:
             return None
-        n, mean, low, high = points[present.index(fraction)]  # summarize() sorts by n: the fraction order
-        return n, fmt_value(mean, low, high, digits[metric])
+        drawn = cell_draws(cell, table.truth, metric, table.galaxies, seed_draws(len(cell.predictions), draws, rng))
+        return fmt_interval(cell_value(cell, table.truth, metric), *percentile_interval(drawn), digits[metric])
 
-    table = ["| labels (z / morph) | fraction | protocol | σ_MAD | η | morph. accuracy |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| labels (z / morph) | protocol | σ_MAD | η | morph. accuracy |", "|---|---|---|---|---|"]
     for fraction in sorted(fractions):
         for protocol in TABLE_PROTOCOLS:
-            z = cell("specz", "sigma_mad", protocol, fraction)
-            eta = cell("specz", "eta", protocol, fraction)
-            acc = cell("morph", "accuracy", protocol, fraction)
+            z, eta, acc = (value(task, metric, protocol, fraction) for task, metric, _, _ in METRICS)
             if z is None and acc is None:
                 continue
-            nz, nm = (z[0] if z else None), (acc[0] if acc else None)
-            labels = str(nz or nm) if nz == nm or None in (nz, nm) else f"{nz} / {nm}"
-            table.append(f"| {labels} | {fraction:g} | {protocol} | {z[1] if z else '–'} | {eta[1] if eta else '–'} "
-                         f"| {acc[1] if acc else '–'} |")
-    facts: dict = {"beats": {}, "factors": {}}
+            counts = [tables[t].cells[(protocol, fraction)].n_labels for t in ("specz", "morph")
+                      if t in tables and (protocol, fraction) in tables[t].cells]
+            labels = " / ".join(str(n) for n in dict.fromkeys(counts))
+            lines.append(f"| {labels} | {protocol} | {z or '–'} | {eta or '–'} | {acc or '–'} |")
 
-    saving = ["| finetune labels | " + " | ".join(f"{label}: scratch labels to match (factor)"
-                                                 for _, _, label, _ in METRICS) + " |",
-              "|---|" + "---|" * len(METRICS)]
-    ft_counts = sorted({n for task, metric, _, _ in METRICS for n, *_ in series[(task, metric)].get("finetune", [])})
-    per_metric: dict = {}
-    for task, metric, label, lower in METRICS:
-        ft = {n: mean for n, mean, _, _ in series[(task, metric)].get("finetune", [])}
-        sc = series[(task, metric)].get("scratch", [])
-        per_metric[metric] = {}
-        for n, target in ft.items():
-            if sc:
-                per_metric[metric][n] = matching_labels(sc, target, lower)
-        # finetune better than scratch at the same label count below 100% (means over seeds)?
-        full = {int(r["n_train_labels"]) for r in by_task[task] if float(r["label_fraction"]) == 1.0}
-        sc_mean = {n: mean for n, mean, _, _ in sc}
-        verdict = [(n, mean < sc_mean[n] if lower else mean > sc_mean[n]) for n, mean in ft.items()
-                   if n in sc_mean and n not in full]
-        facts["beats"][label] = verdict
-        facts["factors"][label] = {n: how for n, how in per_metric[metric].items()}
-    for n in ft_counts:
-        cells = []
-        for _, metric, _, _ in METRICS:
-            how = per_metric[metric].get(n)
-            if how is None:
-                cells.append("–")
-            elif how[0] == "=":
-                cells.append(f"{how[1]:.0f} ({how[1] / n:.2f}×)")
-            elif how[0] == "<=":
-                cells.append(f"≤ {how[1]:.0f} (≤ {how[1] / n:.2f}×)")
-            else:
-                cells.append(f"> max = {how[1]:.0f} (> {how[1] / n:.2f}×)")
-        saving.append(f"| {n} | " + " | ".join(cells) + " |")
-    return table, saving, facts
+    saving = ["| metric | finetune labels | scratch labels to match | factor [95 % interval] | draws censored "
+              "(≤ / >) |", "|---|---|---|---|---|"]
+    for task, metric, label, _ in METRICS:
+        table = tables.get(task)
+        if table is None:
+            continue
+        ft = [c for (p, _), c in table.cells.items() if p == "finetune"]
+        sc = [c for (p, _), c in table.cells.items() if p == "scratch"]
+        if not ft or len(sc) < 2:
+            continue
+        top = max(c.n_labels for c in sc)
+        for s in saving_factors([c for c in ft if c.n_labels < top], sc, table.truth, metric, table.galaxies, rng):
+            kind, n = s.point
+            point = {"=": f"{n:.0f}", "<=": f"≤ {n:.0f}", ">": f"> {n:.0f}"}[kind]
+            factor = {"=": f"{n / s.n_finetune:.2f}×", "<=": f"≤ {n / s.n_finetune:.2f}×",
+                      ">": f"> {n / s.n_finetune:.2f}×"}[kind]
+            high = "∞ (scratch never matches)" if math.isinf(s.high) else f"{s.high:.2f}"
+            saving.append(f"| {label} | {s.n_finetune} | {point} | {factor} [{s.low:.2f}, {high}] | "
+                          f"{s.censored_low:.0%} / {s.censored_high:.0%} |")
+    return lines, saving
 
 
 def baseline_lines(work: Path, fractions: list[float], seeds: list[int]) -> list[str]:
@@ -450,31 +582,24 @@ def baseline_lines(work: Path, fractions: list[float], seeds: list[int]) -> list
     return lines
 
 
-def verdict_lines(facts: dict) -> list[str]:
-    """The two targets of the paper, per metric: finetune better below 100%; scratch needs >= 2x the labels."""
+def schedule_lines(work: Path, fractions: list[float], seeds: list[int]) -> list[str]:
+    """How each supervised cell trained: epochs run of the budget and the kept epoch, over seeds."""
     lines = []
-    for label, verdict in facts["beats"].items():
-        if not verdict:
-            continue
-        losing = [n for n, ok in verdict if not ok]
-        lines.append(f"- {label}: finetune beats scratch at every label count below 100%: "
-                     + ("yes" if not losing else f"no (not at {', '.join(map(str, losing))} labels)"))
-    for label, factors in facts["factors"].items():
-        yes, no, unknown = [], [], []
-        for n, (how, n_scratch) in sorted(factors.items()):
-            if how == "=":
-                (yes if n_scratch / n >= 2 else no).append(n)
-            elif how == ">":  # scratch never matched: at least n_max / n
-                (yes if n_scratch / n >= 2 else unknown).append(n)
-            else:
-                no.append(n)
-        if factors:
-            text = f"- {label}: scratch needs ≥ 2× finetune's labels at {len(yes)} of {len(factors)} finetune label " \
-                   f"counts" + (f" ({', '.join(map(str, yes))})" if yes else "")
-            if unknown:
-                text += f"; not measurable at {', '.join(map(str, unknown))} (scratch never matches, and the " \
-                        f"grid ends below 2×)"
-            lines.append(text)
+    for task in ("specz", "morph"):
+        for protocol in ("linear", "finetune", "scratch"):
+            parts = []
+            for fraction in sorted(fractions):
+                runs = []
+                for seed in seeds:
+                    path = work / "sweep" / task / protocol / f"frac{fraction:g}" / f"seed{seed}" / "metrics.json"
+                    if path.is_file():
+                        m = json.loads(path.read_text())
+                        runs.append(f"{m['best_epoch']}/{m['epochs_run']}" + (" (prior only)" if m.get("prior_only")
+                                                                               else ""))
+                if runs:
+                    parts.append(f"{fraction:g}: " + " ".join(runs))
+            if parts:
+                lines.append(f"- {task} {protocol}: " + "; ".join(parts))
     return lines
 
 
@@ -489,17 +614,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pretrain-steps", type=int,
                         help=f"MoCo v2 steps of batch 32 (default {DEFAULTS['pretrain_steps']})")
     parser.add_argument("--fractions", help=f"label fractions, comma-separated (default {DEFAULTS['fractions']})")
-    parser.add_argument("--seeds", help=f"seeds, comma-separated (default {DEFAULTS['seeds']})")
+    parser.add_argument("--seeds", help=f"seeds of the supervised stage, comma-separated (default "
+                                        f"{DEFAULTS['seeds']}; at least 3 for an interval worth quoting)")
     parser.add_argument("--epochs", type=int, help=f"fine-tuning epochs (default {DEFAULTS['epochs']})")
     parser.add_argument("--min-steps", type=int,
                         help="raise the epochs of small label sets to this many optimizer steps "
                              f"(default {DEFAULTS['min_steps']})")
+    parser.add_argument("--lrs", help=f"the learning rates every supervised protocol is tuned over on val "
+                                      f"(default {DEFAULTS['lrs']})")
+    parser.add_argument("--tune-fraction", type=float,
+                        help=f"the label fraction the tuning runs at (default {DEFAULTS['tune_fraction']})")
+    parser.add_argument("--tune-seed", type=int, default=0, help="the seed of the tuning runs (default 0)")
+    parser.add_argument("--draws", type=int, default=DRAWS, help=f"bootstrap draws (default {DRAWS})")
+    parser.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
+                        help="processes for the tuning and sweep stages: 2 runs photo-z and morphology side by side "
+                             "(default: 2 where there are 2 CPUs)")
     add_run_args(parser, DEFAULTS, QUICK)
     args = parse_run_args(parser, argv, DEFAULTS, QUICK)
     args.fractions = sorted(float(x) for x in str(args.fractions).split(","))
     args.seeds = [int(x) for x in str(args.seeds).split(",")]
-    if any(not 0 < f <= 1 for f in args.fractions):
-        parser.error("--fractions must lie in (0, 1]")
+    args.lrs = [float(x) for x in str(args.lrs).split(",")]
+    if any(not 0 < f <= 1 for f in args.fractions) or not 0 < args.tune_fraction <= 1:
+        parser.error("--fractions and --tune-fraction must lie in (0, 1]")
+    if any(lr <= 0 for lr in args.lrs):
+        parser.error("--lrs must be positive")
+    if args.draws < 100:
+        parser.error("--draws must be at least 100")
     return args
 
 
@@ -510,23 +650,37 @@ def main(argv=None) -> None:
     stages.run("1 mock", stage_mock, args, work)
     stages.run("2 pack", stage_pack, args, work)
     stages.run("3 pretrain", stage_pretrain, args, work)
-    stages.run("4 sweep photo-z", stage_sweep, args, work, "specz")
-    stages.run("5 sweep morphology", stage_sweep, args, work, "morph")
+    stages.run("4 tune (photo-z, morphology)", both_tasks, stage_tune, args, work)
+    stages.run("5 sweep (photo-z, morphology)", both_tasks, stage_sweep, args, work)
 
-    rows = collect(work / "sweep")
-    table, saving, facts = build_report(rows, args.fractions, args.seeds)
-    baselines = baseline_lines(work, args.fractions, args.seeds)
-    verdicts = verdict_lines(facts)
+    collect(work / "sweep")  # results.csv and the plots
+    tables = task_tables(work, args.fractions, args.seeds, args.draws)
+    table, saving = build_report(tables, args.fractions, args.draws)
+    tuned = []
+    for task in ("specz", "morph"):
+        picks = json.loads((work / "tune" / f"{task}.json").read_text())
+        tuned.append(f"- {task}, {picks['labels']} labels, seed {picks['seed']}: " + "; ".join(
+            f"{protocol} " + ", ".join(f"{lr} → {score:.4f}" for lr, score in by_lr.items())
+            + f" (picked {picks['picked_lr'][protocol]:g})" for protocol, by_lr in picks["val_scores"].items()))
+    n_test = {task: len(t.truth) for task, t in tables.items()}
     header = [
-        f"Mock SDSS survey of {args.n_galaxies} galaxies (train/val/test 80/10/10 by object id), MoCo v2 "
-        f"{args.pretrain_steps} steps (ResNet-18, 32×32 crops); seeds {', '.join(map(str, args.seeds))}; "
-        f"values are the mean over seeds ± half their range, on the fixed test split.",
+        f"Mock SDSS survey of {args.n_galaxies} galaxies (train/val/test 80/10/10 by object id; test "
+        f"{n_test.get('specz', '?')} / {n_test.get('morph', '?')} galaxies for photo-z / morphology), MoCo v2 "
+        f"{args.pretrain_steps} steps (ResNet-18, 32×32 crops), one pretraining; supervised stage seeds "
+        f"{', '.join(map(str, args.seeds))} (each: label subset, initialisation, order, augmentation).",
+        f"Values: the mean over seeds of the metric on the test split [the central {LEVEL:.0%} interval of "
+        f"{args.draws} bootstrap draws over seeds and test galaxies; not included: the pretraining seed, the mock].",
     ]
     write_report(session, "Label efficiency", [
         *header, "", *table, "",
-        "Labels scratch needs to match finetune (scratch's mean metric interpolated in log n; factor = that "
-        "over finetune's labels):", "", *saving, "", *verdicts, "", "Trivial predictors:", *baselines],
+        "Labels scratch needs to match finetune (scratch's value interpolated in log n; factor = that over "
+        "finetune's labels; interval from the same draws):", "", *saving, "",
+        f"Learning rates tuned on val (best val score: photo-z CRPS, morphology loss), the same {len(args.lrs)} "
+        f"trials for every protocol:", *tuned, "",
+        "Kept epoch / epochs run per seed:", *schedule_lines(work, args.fractions, args.seeds), "",
+        "Trivial predictors:", *baseline_lines(work, args.fractions, args.seeds)],
         where=f"per-cell metrics in {work / 'sweep'} (results.csv, label_efficiency_*.png)")
+
 
 if __name__ == "__main__":
     main()
