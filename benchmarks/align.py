@@ -175,8 +175,9 @@ def stage_eval(args, work: Path, fraction: float, seed: int) -> str:
                           out=str(sweep_folder(work, which, fraction, seed)),
                           tasks=["morph"], protocols=protocols, label_fractions=[fraction], seeds=[seed],
                           morph_config=str(MORPH_CONFIG),
-                          overrides=[f"optim.epochs={epochs}", f"device={args.device}",
-                                     f"data.num_workers={args.workers}", "plots=false", "progress=false",
+                          overrides=[f"optim.epochs={epochs}", f"optim.min_steps={args.min_steps}",
+                                     f"device={args.device}", f"data.num_workers={args.workers}", "plots=false",
+                                     "progress=false",
                                      "optim.allow_prior=true"],
                           executor="local")
         print(f"align: {which} encoder, {'/'.join(protocols)} with {n} labels (fraction {fraction:g}, seed {seed}; "

@@ -142,8 +142,9 @@ def stage_transfer(args, work: Path) -> str:
             cfg = SweepConfig(ckpt=str(work / f"pretrain_{method}" / ENCODER_EXPORT), data_path=str(work / "packed"),
                               out=str(work / "sweep" / name), tasks=["morph"], protocols=protocols,
                               label_fractions=[fraction], seeds=args.seeds, morph_config=str(MORPH_CONFIG),
-                              overrides=[f"optim.epochs={epochs}", f"device={args.device}",
-                                         f"data.num_workers={args.workers}", "plots=false", "progress=false",
+                              overrides=[f"optim.epochs={epochs}", f"optim.min_steps={args.min_steps}",
+                                         f"device={args.device}", f"data.num_workers={args.workers}", "plots=false",
+                                         "progress=false",
                                          *args.eval_overrides],
                               executor="local")
             print(f"hybrid_transfer: {name} {'/'.join(protocols)} with {n} labels ({epochs} epochs at most)",

@@ -146,8 +146,9 @@ def stage_eval(args, work: Path, name: str) -> str:
         cfg = SweepConfig(ckpt=str(pretrain_folder(work, name, seed) / ENCODER_EXPORT), data_path=str(work / "packed"),
                           out=str(work / "sweep" / name), tasks=["morph"], protocols=PROTOCOLS,
                           label_fractions=[fraction], seeds=[seed], morph_config=str(le.EVAL_CONFIGS["morph"]),
-                          overrides=[f"optim.epochs={epochs}", f"device={args.device}",
-                                     f"data.num_workers={args.workers}", "plots=false", "progress=false",
+                          overrides=[f"optim.epochs={epochs}", f"optim.min_steps={args.min_steps}",
+                                     f"device={args.device}", f"data.num_workers={args.workers}", "plots=false",
+                                     "progress=false",
                                      "optim.allow_prior=true"],
                           executor="local")
         print(f"methods: {name} seed {seed}: {'/'.join(PROTOCOLS)} with {n} labels ({epochs} epochs at most)",

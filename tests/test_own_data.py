@@ -34,7 +34,7 @@ def readme_block(marker: str) -> str:
 @pytest.mark.slow
 def test_galaxy_zoo_block_runs_as_written(tmp_path):
     (tmp_path / "config").symlink_to(REPO / "config")
-    env = dict(os.environ, N="100", STEPS="4", EPOCHS="2", OMP_NUM_THREADS="1",
+    env = dict(os.environ, N="100", STEPS="4", EPOCHS="2", MIN_STEPS="0", OMP_NUM_THREADS="1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     script = "set -euo pipefail\n" + readme_block(MARKER)
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
