@@ -343,9 +343,13 @@ def check_cells(out: Path, task: str, protocol: str, fraction: float, seeds: lis
                              f"{expected}); use another --workdir or delete {out}")
 
 
+#: What each task's early stopping watches (``Task.val_score_name``), the score its tuning compares.
+MONITOR = {"specz": "val_crps", "morph": "val_error"}
+
+
 def val_score(metrics: dict) -> float:
-    """The best val score of a supervised cell: what its early stopping watched (photo-z CRPS, else the loss)."""
-    monitor = "val_crps" if metrics["task"] == "specz" else "val_loss"
+    """The best val score of a supervised cell over its trained epochs: what its early stopping watched."""
+    monitor = MONITOR[metrics["task"]]
     return min(r[monitor] for r in metrics["history"] if monitor in r and r["epoch"] > 0)
 
 
@@ -675,8 +679,8 @@ def main(argv=None) -> None:
         *header, "", *table, "",
         "Labels scratch needs to match finetune (scratch's value interpolated in log n; factor = that over "
         "finetune's labels; interval from the same draws):", "", *saving, "",
-        f"Learning rates tuned on val (best val score: photo-z CRPS, morphology loss), the same {len(args.lrs)} "
-        f"trials for every protocol:", *tuned, "",
+        f"Learning rates tuned on val (best val score over the epochs: photo-z mean CRPS, morphology error rate), "
+        f"the same {len(args.lrs)} trials for every protocol:", *tuned, "",
         "Kept epoch / epochs run per seed:", *schedule_lines(work, args.fractions, args.seeds), "",
         "Trivial predictors:", *baseline_lines(work, args.fractions, args.seeds)],
         where=f"per-cell metrics in {work / 'sweep'} (results.csv, label_efficiency_*.png)")
