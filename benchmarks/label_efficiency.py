@@ -12,11 +12,12 @@ Stages, each in ``--workdir`` so that a rerun resumes (by stage, and by cell wit
    train split for ``--pretrain-steps`` steps; the held-out contrastive top-1 curve is printed;
 4. tuning: the learning rate of every supervised protocol (linear, finetune, scratch) is picked on the val split
    from the same trials (``--lrs`` at ``--tune-fraction``, seed ``--tune-seed``; best val score: photo-z CRPS,
-   morphology loss), so the supervised baseline gets the same search as fine-tuning (``WORKDIR/tune``);
+   morphology error rate), so the supervised baseline gets the same search as fine-tuning (``WORKDIR/tune``);
 5. ``sslsky sweep`` (executor local) for photo-z and morphology, side by side (``--jobs 2``): protocols linear,
    finetune, scratch (and kNN for morphology) x label fractions x ``--seeds``, with the stock eval configs
    (``config/eval_specz.yaml``, ``config/eval_morph.yaml``) and only these run-time changes: the tuned
-   ``optim.lr``, ``optim.epochs``, ``device``, ``data.num_workers``, ``plots=false``, ``progress=false``;
+   ``optim.lr``, ``optim.epochs`` and ``optim.min_steps`` (below), ``optim.allow_prior=true`` (a prior-only
+   cell is written and marked, not failed), ``device``, ``data.num_workers``, ``plots=false``, ``progress=false``;
 6. the table (:mod:`sslsky.eval.intervals`): sigma_MAD, eta and morphology accuracy per protocol per number of
    labels -- the mean over seeds on the test split, with the central 95 % interval of a bootstrap over seeds and
    test galaxies -- and the label saving factor with its interval: the labels scratch needs to reach
@@ -55,6 +56,7 @@ import torch  # noqa: E402
 from sslsky.config import SweepConfig  # noqa: E402
 from sslsky.data.shards import ShardDataset  # noqa: E402
 from sslsky.data.verify import file_sha256  # noqa: E402
+from sslsky.eval.features import usable_cpus  # noqa: E402
 from sslsky.eval.intervals import DRAWS, LEVEL  # noqa: E402
 from sslsky.eval.supervised import training_epochs  # noqa: E402
 from sslsky.eval.sweep import collect, run_sweep  # noqa: E402
@@ -94,8 +96,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = f"{cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), " \
+    text = f"{cpu}, {usable_cpus()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), " \
            f"Python {platform.python_version()}"
     if torch.cuda.is_available():
         text += f", GPU {torch.cuda.get_device_name()}"
@@ -328,8 +329,8 @@ def check_cells(out: Path, task: str, protocol: str, fraction: float, seeds: lis
                 ckpt_sha: str) -> None:
     """Finished cells must come from this encoder and these ``optim`` settings (``expected``: epochs, lr).
 
-    ``run_sweep`` skips any cell whose metrics.json exists, so a rerun with other knobs or after a new pretraining
-    would otherwise mix old cells into the table.
+    ``run_sweep`` reruns a cell whose config changed, but the epochs and lr here are the benchmark's own knobs: a
+    rerun with other ones must not quietly retrain half the table into a mix of two settings.
     """
     for seed in seeds:
         path = out / task / protocol / f"frac{fraction:g}" / f"seed{seed}" / "metrics.json"
@@ -384,10 +385,26 @@ def stage_tune(args, work: Path, task: str) -> str:
     return "; ".join(f"{p} lr {lr:g}" for p, lr in picks.items())
 
 
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when its parent dies, so a worker never outlives a killed benchmark (it would
+    go on writing sweep cells beside the next run's)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not glibc Linux: the workers end with their current cell's task list
+        return
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _task_stage(stage, args, work: Path, task: str) -> str:
-    """One task's stage in a worker process (its own torch threads)."""
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    """One task's stage in a worker process (its own torch threads; it dies with the benchmark)."""
+    die_with_parent()
+    torch.set_num_threads(args.threads if args.threads > 0 else max(1, usable_cpus() // 2))  # 2 workers share
     return stage(args, work, task)
 
 
@@ -404,13 +421,10 @@ def both_tasks(stage, args, work: Path) -> str:
     with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
         futures = {task: pool.submit(_task_stage, stage, args, work, task) for task in tasks}
         concurrent.futures.wait(futures.values())
-    notes = []
-    for task, future in futures.items():
-        error = future.exception()
-        if error is not None:
-            raise error if isinstance(error, SystemExit) else SystemExit(f"label_efficiency: {task}: {error}")
-        notes.append(f"{task}: {future.result()}")
-    return "; ".join(notes)
+    errors = [f"{task}: {future.exception()}" for task, future in futures.items() if future.exception() is not None]
+    if errors:
+        raise SystemExit("label_efficiency: " + "; ".join(errors))
+    return "; ".join(f"{task}: {future.result()}" for task, future in futures.items())
 
 
 def picked_lrs(work: Path, task: str) -> dict[str, float]:
@@ -563,7 +577,8 @@ def build_report(tables: dict[str, TaskTable], fractions: list[float], draws: in
             factor = {"=": f"{n / s.n_finetune:.2f}×", "<=": f"≤ {n / s.n_finetune:.2f}×",
                       ">": f"> {n / s.n_finetune:.2f}×"}[kind]
             high = "∞ (scratch never matches)" if math.isinf(s.high) else f"{s.high:.2f}"
-            saving.append(f"| {label} | {s.n_finetune} | {point} | {factor} [{s.low:.2f}, {high}] | "
+            low = f"≤ {s.low:.2f}" if s.low_is_bound else f"{s.low:.2f}"
+            saving.append(f"| {label} | {s.n_finetune} | {point} | {factor} [{low}, {high}] | "
                           f"{s.censored_low:.0%} / {s.censored_high:.0%} |")
     return lines, saving
 
@@ -630,14 +645,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"the label fraction the tuning runs at (default {DEFAULTS['tune_fraction']})")
     parser.add_argument("--tune-seed", type=int, default=0, help="the seed of the tuning runs (default 0)")
     parser.add_argument("--draws", type=int, default=DRAWS, help=f"bootstrap draws (default {DRAWS})")
-    parser.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
+    parser.add_argument("--jobs", type=int, default=min(2, usable_cpus()),
                         help="processes for the tuning and sweep stages: 2 runs photo-z and morphology side by side "
                              "(default: 2 where there are 2 CPUs)")
     add_run_args(parser, DEFAULTS, QUICK)
     args = parse_run_args(parser, argv, DEFAULTS, QUICK)
     args.fractions = sorted(float(x) for x in str(args.fractions).split(","))
     args.seeds = [int(x) for x in str(args.seeds).split(",")]
-    args.lrs = [float(x) for x in str(args.lrs).split(",")]
+    args.lrs = [float(f"{float(x):g}") for x in str(args.lrs).split(",")]  # as the folders and overrides say them
+    if len(set(args.lrs)) != len(args.lrs):
+        parser.error(f"--lrs repeats a value at 6 significant digits: {args.lrs}")
     if any(not 0 < f <= 1 for f in args.fractions) or not 0 < args.tune_fraction <= 1:
         parser.error("--fractions and --tune-fraction must lie in (0, 1]")
     if any(lr <= 0 for lr in args.lrs):

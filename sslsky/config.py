@@ -542,7 +542,8 @@ class FinetuneOptimConfig:
     #: at least this many optimizer steps: a small label set gets more passes (59 labels in batches of 64 are one
     #: step a pass, so 30 epochs would be 30 steps); the cosine decays over the raised count
     min_steps: int = checked(100, ">= 0")
-    # stop after this many epochs without a better val score (photo-z CRPS, else loss); 0: never
+    # stop after this many epochs without a better val score (photo-z CRPS, morphology classes the error rate,
+    # else the loss; with validation every k-th epoch each one without improvement counts k); 0: never
     patience: int = checked(5, ">= 0")
     #: finetune: the encoder's BatchNorm layers stay in eval mode (pretraining running statistics, unchanged;
     #: their scale and shift still train). Off: with the encoder at 1x it rarely beat the probe (README).

@@ -15,7 +15,12 @@ The label saving factor at a finetune label count n is the number of labels scra
 value there (scratch's values interpolated linearly in log n; :func:`matching_labels`) over n; per bootstrap
 draw it is computed from that draw's values, so its interval carries the spread of both protocols and the
 pairing of the shared test set. A draw where scratch never gets there within the grid counts as +inf (the
-factor is at least n_max / n); one where scratch's smallest count already does as n_min / n (at most that).
+factor is at least n_max / n); one where scratch's smallest count already does as n_min / n (at most that), so
+when more than the lower tail of the draws is of that kind the low end is only a bound (``Saving.low_is_bound``).
+
+Caveats: with S seeds there are few distinct seed resamples (10 for S = 3), and resampling S of S understates the
+seed variance by (S - 1) / S; cells are resampled independently although finetune and scratch at one seed share
+their label subset (which makes the factor's interval, if anything, wider than a paired one).
 """
 
 from __future__ import annotations
@@ -110,6 +115,9 @@ def matching_labels(series: Sequence[tuple[int, float]], target: float, lower_be
     """Labels scratch needs to reach ``target`` from its ``(n_labels, value)`` series (sorted by n): ("=", n)
     interpolated linearly in log n at the first crossing, ("<=", n_min) when its smallest count already reaches
     it, (">", n_max) when no count does."""
+    if not math.isfinite(target) or any(not math.isfinite(v) for _, v in series):
+        raise ValueError(f"matching_labels needs finite values, got target {target} and series {list(series)}")
+
     def good(value: float) -> bool:
         return value <= target if lower_better else value >= target
 
@@ -139,6 +147,13 @@ class Saving:
     high: float
     censored_low: float  # the share of draws where scratch's smallest count already matches (factor <= that)
     censored_high: float  # the share of draws where scratch never matches (factor > n_max / n)
+    level: float = LEVEL
+
+    @property
+    def low_is_bound(self) -> bool:
+        """The low end is only an upper bound (``<= low``): more than the lower tail of the draws had scratch's
+        smallest count already matching, whose true factor may lie anywhere below n_min / n."""
+        return self.censored_low > (1.0 - self.level) / 2.0
 
 
 def saving_factors(finetune: Sequence[Cell], scratch: Sequence[Cell], truth: np.ndarray, metric: str,
@@ -160,5 +175,5 @@ def saving_factors(finetune: Sequence[Cell], scratch: Sequence[Cell], truth: np.
         point = matching_labels(sc_point, cell_value(cell, truth, metric), lower)
         out.append(Saving(cell.n_labels, point, low, high,
                           censored_low=float(np.mean([h[0] == "<=" for h in hows])),
-                          censored_high=float(np.mean([h[0] == ">" for h in hows]))))
+                          censored_high=float(np.mean([h[0] == ">" for h in hows])), level=level))
     return out

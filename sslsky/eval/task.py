@@ -77,9 +77,11 @@ TIE_BREAK = 1e-6
 
 def error_score(probs: np.ndarray, classes: np.ndarray) -> float:
     """The early-stopping score of a classification: the val error rate (1 - accuracy), ties broken by the mean
-    cross-entropy. Not the cross-entropy alone: trained longer, a classifier grows over-confident on the galaxies
-    it gets wrong, so its val loss rises while its val accuracy still rises (README, Label efficiency), and a
-    loss-watching early stop keeps an under-trained epoch."""
+    cross-entropy; ``classes`` are the val label values as class indices 0..K-1 (``morph_class``). Not the
+    cross-entropy alone: trained longer, a classifier grows over-confident on the galaxies it gets wrong, so its
+    val loss rises while its val accuracy still rises (README, Performance -> "Label efficiency": scratch with 198
+    labels, val loss 0.84 -> 1.20 while val accuracy 0.65 -> 0.70), and a loss-watching early stop keeps an
+    under-trained epoch."""
     probs = np.asarray(probs, dtype=np.float64)
     classes = np.asarray(classes, dtype=np.int64)
     error = float(np.mean(probs.argmax(axis=1) != classes))
