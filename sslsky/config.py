@@ -543,8 +543,10 @@ class FinetuneOptimConfig:
     #: step a pass, so 30 epochs would be 30 steps); the cosine decays over the raised count
     min_steps: int = checked(100, ">= 0")
     # stop after this many epochs without a better val score (photo-z CRPS, morphology classes the error rate,
-    # else the loss; with validation every k-th epoch each one without improvement counts k); 0: never
-    patience: int = checked(5, ">= 0")
+    # else the loss; with validation every k-th epoch each one without improvement counts k); 0: never, the
+    # whole cosine runs and the best val epoch is kept. 0 by default: with a few one-step epochs, 5 epochs were 5
+    # optimizer steps and fine-tuning stopped before it passed the probe in some seeds only (README)
+    patience: int = checked(0, ">= 0")
     #: finetune: the encoder's BatchNorm layers stay in eval mode (pretraining running statistics, unchanged;
     #: their scale and shift still train). Off: with the encoder at 1x it rarely beat the probe (README).
     freeze_bn: bool = False
