@@ -650,11 +650,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(default: 2 where there are 2 CPUs)")
     add_run_args(parser, DEFAULTS, QUICK)
     args = parse_run_args(parser, argv, DEFAULTS, QUICK)
-    args.fractions = sorted(float(x) for x in str(args.fractions).split(","))
-    args.seeds = [int(x) for x in str(args.seeds).split(",")]
-    args.lrs = [float(f"{float(x):g}") for x in str(args.lrs).split(",")]  # as the folders and overrides say them
+
+    def numbers(option: str, text, kind):
+        try:
+            values = [kind(x) for x in str(text).split(",")]
+        except ValueError:
+            parser.error(f"--{option} takes comma-separated {kind.__name__}s, got {text!r}")
+        if len(set(values)) != len(values):
+            parser.error(f"--{option} repeats a value: {text!r}")
+        return values
+
+    args.fractions = sorted(numbers("fractions", args.fractions, float))
+    args.seeds = numbers("seeds", args.seeds, int)
+    args.lrs = [float(f"{x:g}") for x in numbers("lrs", args.lrs, float)]  # as the folders and overrides say them
     if len(set(args.lrs)) != len(args.lrs):
         parser.error(f"--lrs repeats a value at 6 significant digits: {args.lrs}")
+    if any(seed < 0 for seed in args.seeds) or args.tune_seed < 0:
+        parser.error("--seeds and --tune-seed must be >= 0")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     if any(not 0 < f <= 1 for f in args.fractions) or not 0 < args.tune_fraction <= 1:
         parser.error("--fractions and --tune-fraction must lie in (0, 1]")
     if any(lr <= 0 for lr in args.lrs):
