@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sslsky.eval.metrics import MAD_TO_SIGMA, OUTLIER_THRESHOLD
+from sslsky.eval.metrics import MAD_TO_SIGMA, OUTLIER_THRESHOLD, delta_z  # delta_z broadcasts (S, T) - (T,)
 
 #: Bootstrap draws of a table and the central coverage of its intervals.
 DRAWS = 2000
@@ -43,20 +43,15 @@ def accuracy(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
     return np.mean(np.asarray(predicted) == np.asarray(true), axis=-1)
 
 
-def _delta_z(z_phot: np.ndarray, z_spec: np.ndarray) -> np.ndarray:
-    z_spec = np.asarray(z_spec, dtype=np.float64)
-    return (np.asarray(z_phot, dtype=np.float64) - z_spec) / (1.0 + z_spec)
-
-
 def sigma_mad(z_phot: np.ndarray, z_spec: np.ndarray) -> np.ndarray:
     """Per-seed 1.4826 x median |dz - median dz| over the last axis (:func:`sslsky.eval.metrics.sigma_mad`)."""
-    dz = _delta_z(z_phot, z_spec)
+    dz = delta_z(z_phot, z_spec)
     return MAD_TO_SIGMA * np.median(np.abs(dz - np.median(dz, axis=-1, keepdims=True)), axis=-1)
 
 
 def outlier_fraction(z_phot: np.ndarray, z_spec: np.ndarray) -> np.ndarray:
     """Per-seed eta: the fraction with |dz| > ``OUTLIER_THRESHOLD`` over the last axis."""
-    return np.mean(np.abs(_delta_z(z_phot, z_spec)) > OUTLIER_THRESHOLD, axis=-1)
+    return np.mean(np.abs(delta_z(z_phot, z_spec)) > OUTLIER_THRESHOLD, axis=-1)
 
 
 #: metric name -> (function of (predictions (S, T), truth (T,)) -> (S,), lower is better)
